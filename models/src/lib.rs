@@ -1,0 +1,1 @@
+//! Mipha-3B model code.
