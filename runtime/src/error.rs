@@ -15,6 +15,13 @@ pub enum Error {
     /// The file is not an `.mqf` file at all (wrong magic); `detail` names what it looks like.
     #[error("{path}: not an .mqf file ({detail})")]
     NotMqf { path: PathBuf, detail: String },
+    /// A well-formed `.mqf` file this build cannot read (e.g. a big-endian one).
+    #[error("{path}: unsupported .mqf file: {detail}")]
+    Unsupported { path: PathBuf, detail: String },
+    /// `MqfWriter` was given something it cannot write (duplicate names, bad shapes,
+    /// wrong data length, a tensor written twice or not at all, …).
+    #[error("{path}: cannot write .mqf file: {detail}")]
+    InvalidWrite { path: PathBuf, detail: String },
     #[error("{path}: .mqf version {major}.{minor} is newer than this reader (supports major {supported})")]
     UnsupportedVersion {
         path: PathBuf,

@@ -1,6 +1,8 @@
 //! The `.mqf` file format (see `docs/mqf.md`): reader and streaming writer.
 
 mod metadata;
+#[doc(hidden)]
+pub mod raw;
 mod reader;
 mod writer;
 
