@@ -1,9 +1,17 @@
 //! The Mipha runtime: the `.mqf` format, the graph plan, the backend trait and its
 //! CPU implementation, the paged KV cache.
 
+pub mod backend;
+pub mod cpu;
 pub mod error;
 pub mod format;
+pub mod graph;
+pub mod kv;
 
+pub use backend::{Backend, Capture, Input, Step};
+pub use cpu::{CpuBackend, KvConfig};
 pub use error::{Error, Result};
 pub use format::{MetaValue, Metadata, MqfFile, MqfWriter, TensorInfo, TensorRef, TensorSpec};
+pub use graph::{BufId, GeluKind, Op, Plan, PlanBuilder, Rows, WeightId, Weights};
+pub use kv::{BlockPool, SeqId};
 pub use mipha_kernels::QuantType;

@@ -1,0 +1,95 @@
+//! Hyper-parameters read from `.mqf` metadata (keys: `docs/mqf-keys.md`).
+
+use mipha_runtime::{Error, Metadata, Result};
+
+/// The Phi-2 language model's shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PhiConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    /// leading dims of each head that get rotary embedding (`partial_rotary_factor`)
+    pub rotary_dims: usize,
+    pub rope_theta: f32,
+    pub layer_norm_eps: f32,
+    pub max_position_embeddings: usize,
+}
+
+fn usize_key(m: &Metadata, key: &str) -> Result<usize> {
+    let v = m.get_u64(key)?;
+    if v == 0 || v > (1 << 32) {
+        return Err(Error::Config(format!("`{key}` = {v} is out of range")));
+    }
+    Ok(v as usize)
+}
+
+impl PhiConfig {
+    pub fn from_metadata(m: &Metadata) -> Result<Self> {
+        let arch = m.get_str("general.architecture")?;
+        if arch != "mipha-phi" {
+            return Err(Error::Config(format!(
+                "architecture `{arch}` is not supported (expected `mipha-phi`)"
+            )));
+        }
+        let act = m.get_str("lm.hidden_act")?;
+        if act != "gelu_new" && act != "gelu_pytorch_tanh" {
+            return Err(Error::Config(format!(
+                "lm.hidden_act `{act}` is not supported (Phi-2 uses gelu_new)"
+            )));
+        }
+        let cfg = PhiConfig {
+            vocab_size: usize_key(m, "lm.vocab_size")?,
+            hidden_size: usize_key(m, "lm.hidden_size")?,
+            intermediate_size: usize_key(m, "lm.intermediate_size")?,
+            num_hidden_layers: usize_key(m, "lm.num_hidden_layers")?,
+            num_attention_heads: usize_key(m, "lm.num_attention_heads")?,
+            num_key_value_heads: usize_key(m, "lm.num_key_value_heads")?,
+            head_dim: usize_key(m, "lm.head_dim")?,
+            rotary_dims: m.get_u64("lm.rotary_dims")? as usize,
+            rope_theta: m.get_f64("lm.rope_theta")? as f32,
+            layer_norm_eps: m.get_f64("lm.layer_norm_eps")? as f32,
+            max_position_embeddings: usize_key(m, "lm.max_position_embeddings")?,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |s: String| Err(Error::Config(s));
+        if self.num_attention_heads * self.head_dim != self.hidden_size {
+            return bad(format!(
+                "{} heads x head_dim {} != hidden_size {}",
+                self.num_attention_heads, self.head_dim, self.hidden_size
+            ));
+        }
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
+            return bad(format!(
+                "{} attention heads are not a multiple of {} key/value heads",
+                self.num_attention_heads, self.num_key_value_heads
+            ));
+        }
+        if self.rotary_dims > self.head_dim || !self.rotary_dims.is_multiple_of(2) {
+            return bad(format!(
+                "rotary_dims {} must be even and at most head_dim {}",
+                self.rotary_dims, self.head_dim
+            ));
+        }
+        if self.layer_norm_eps.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+            || self.rope_theta.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+        {
+            return bad("layer_norm_eps and rope_theta must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.num_key_value_heads * self.head_dim
+    }
+}

@@ -1,0 +1,397 @@
+//! The engine: a loaded model shared by every caller, and the generation loop.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mipha_runtime::{
+    Backend, BlockPool, Capture, CpuBackend, Error, Input, KvConfig, MqfFile, Plan, Result, SeqId,
+    Step, Weights,
+};
+
+use crate::config::PhiConfig;
+use crate::phi::PhiForCausalLM;
+use crate::sampling::{Sampler, SamplingParams};
+use crate::template::{ChatTemplate, Turn};
+use crate::tokenizer::{MiphaTokenizer, PromptId};
+
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// CPU threads; 0 = one per core
+    pub threads: usize,
+    /// most positions one forward step carries (longer prompts run in chunks)
+    pub max_batch_tokens: usize,
+    /// most positions of one step whose logits are wanted (1 for generation;
+    /// more for `logits`-style conformance runs)
+    pub max_outputs: usize,
+    /// positions per KV block
+    pub kv_block_size: usize,
+    /// sequences that may hold a full context at once (sizes the KV pool)
+    pub max_sequences: usize,
+    /// check every tensor checksum at load
+    pub verify: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            threads: 0,
+            max_batch_tokens: 512,
+            max_outputs: 1,
+            kv_block_size: 16,
+            max_sequences: 1,
+            verify: false,
+        }
+    }
+}
+
+/// Which positions of a forward call return logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    Last,
+    All,
+}
+
+struct Exec {
+    backend: Box<dyn Backend>,
+    blocks: BlockPool,
+}
+
+/// A loaded model. Cheap to share (`Arc<Engine>`); forward steps of different
+/// sequences are serialised on its backend.
+pub struct Engine {
+    file: Arc<MqfFile>,
+    config: PhiConfig,
+    tokenizer: MiphaTokenizer,
+    template: ChatTemplate,
+    plan: Plan,
+    weights: Weights,
+    exec: Mutex<Exec>,
+    options: EngineOptions,
+    load_time: Duration,
+}
+
+impl Engine {
+    pub fn load(path: impl AsRef<Path>, options: EngineOptions) -> Result<Self> {
+        let start = Instant::now();
+        if options.max_batch_tokens == 0 || options.max_outputs == 0 || options.kv_block_size == 0 {
+            return Err(Error::Config(
+                "batch size, outputs and KV block size must be positive".into(),
+            ));
+        }
+        let file = Arc::new(MqfFile::open(path)?);
+        if options.verify {
+            file.verify()?;
+        }
+        let meta = file.metadata();
+        let config = PhiConfig::from_metadata(meta)?;
+        let tokenizer = MiphaTokenizer::from_metadata(meta)?;
+        let template = ChatTemplate::from_metadata(meta)?;
+        let max_outputs = options.max_outputs.min(options.max_batch_tokens);
+        let plan = PhiForCausalLM::plan(&config, options.max_batch_tokens, max_outputs);
+        let weights = Weights::bind(&plan, file.clone())?;
+        let blocks_per_seq = config
+            .max_position_embeddings
+            .div_ceil(options.kv_block_size);
+        let kv = KvConfig {
+            n_blocks: blocks_per_seq * options.max_sequences.max(1),
+            block_size: options.kv_block_size,
+        };
+        let backend = CpuBackend::new(&plan, Some(kv), options.threads)?;
+        let blocks = BlockPool::new(kv.n_blocks, kv.block_size);
+        Ok(Engine {
+            file,
+            config,
+            tokenizer,
+            template,
+            plan,
+            weights,
+            exec: Mutex::new(Exec {
+                backend: Box::new(backend),
+                blocks,
+            }),
+            options,
+            load_time: start.elapsed(),
+        })
+    }
+
+    pub fn config(&self) -> &PhiConfig {
+        &self.config
+    }
+    pub fn tokenizer(&self) -> &MiphaTokenizer {
+        &self.tokenizer
+    }
+    pub fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+    pub fn file(&self) -> &MqfFile {
+        &self.file
+    }
+    pub fn options(&self) -> &EngineOptions {
+        &self.options
+    }
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+    pub fn backend_name(&self) -> String {
+        self.lock().backend.name()
+    }
+
+    /// Most positions (prompt + generated) one sequence may hold.
+    pub fn context_length(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Exec> {
+        // A panic in another caller cannot leave the pool half-updated (every
+        // change is a single call), so a poisoned lock is still usable.
+        self.exec.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn new_sequence(&self) -> SeqId {
+        self.lock().blocks.new_sequence()
+    }
+
+    pub fn release_sequence(&self, seq: SeqId) -> Result<()> {
+        self.lock().blocks.release(seq)
+    }
+
+    /// Positions of `seq` already in the KV cache.
+    pub fn sequence_len(&self, seq: SeqId) -> Result<usize> {
+        self.lock().blocks.len(seq)
+    }
+
+    /// Forgets positions `len..` of `seq`.
+    pub fn truncate_sequence(&self, seq: SeqId, len: usize) -> Result<()> {
+        self.lock().blocks.truncate(seq, len)
+    }
+
+    /// Appends `inputs` to `seq` and runs them through the model, in chunks of
+    /// `max_batch_tokens`. `logits` receives `[rows, vocab]` for the last row or
+    /// every row. On failure the sequence is left as it was.
+    pub fn forward(
+        &self,
+        seq: SeqId,
+        inputs: &[Input],
+        which: Logits,
+        logits: &mut Vec<f32>,
+        mut capture: Option<&mut (dyn Capture + '_)>,
+    ) -> Result<()> {
+        if inputs.is_empty() {
+            return Err(Error::Other("forward: no inputs".into()));
+        }
+        let mut guard = self.lock();
+        let Exec { backend, blocks } = &mut *guard;
+        let start = blocks.len(seq)?;
+        let total = start + inputs.len();
+        if total > self.context_length() {
+            return Err(Error::ContextOverflow {
+                tokens: total,
+                max: self.context_length(),
+            });
+        }
+        blocks.reserve(seq, total)?;
+        let vocab = self.config.vocab_size;
+        let chunk = match which {
+            Logits::Last => self.plan.max_tokens,
+            Logits::All => self.plan.max_tokens.min(self.plan.max_outputs),
+        };
+        logits.clear();
+        let mut outputs: Vec<usize> = Vec::new();
+        let mut pos = start;
+        let result = (|| {
+            for part in inputs.chunks(chunk) {
+                outputs.clear();
+                match which {
+                    Logits::All => outputs.extend(0..part.len()),
+                    Logits::Last if pos + part.len() == total => outputs.push(part.len() - 1),
+                    Logits::Last => {}
+                }
+                let step = Step {
+                    inputs: part,
+                    first_pos: pos,
+                    block_table: blocks.block_table(seq)?,
+                    outputs: &outputs,
+                };
+                backend.execute(&self.plan, &self.weights, &step, capture.as_deref_mut())?;
+                if !outputs.is_empty() {
+                    let at = logits.len();
+                    logits.resize(at + outputs.len() * vocab, 0.0);
+                    backend.read_output(&mut logits[at..])?;
+                }
+                pos += part.len();
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => blocks.set_len(seq, total),
+            Err(e) => {
+                blocks.truncate(seq, start)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// The prompt ids of a single-turn text chat.
+    pub fn chat_prompt(&self, user: &str) -> Result<Vec<u32>> {
+        let segments = self.template.render(&[Turn {
+            user: user.to_string(),
+            images: 0,
+            assistant: None,
+        }]);
+        self.tokenizer
+            .encode_segments(&segments)?
+            .into_iter()
+            .map(|id| match id {
+                PromptId::Token(t) => Ok(t),
+                PromptId::Image(_) => Err(Error::Other("this prompt has no images".into())),
+            })
+            .collect()
+    }
+
+    /// Prefills `prompt` into a fresh sequence and decodes up to
+    /// `opts.max_tokens` tokens. `on_token` sees each new token and the text it
+    /// completes; returning `false` stops the generation.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        mut on_token: impl FnMut(u32, &str) -> bool,
+    ) -> Result<Generation> {
+        opts.sampling.validate().map_err(Error::Config)?;
+        if prompt.is_empty() {
+            return Err(Error::Other("the prompt is empty".into()));
+        }
+        let seq = self.new_sequence();
+        let result = (|| {
+            let mut sampler = Sampler::new(opts.sampling.clone());
+            let mut history = prompt.to_vec();
+            let mut logits = Vec::new();
+            let inputs: Vec<Input> = prompt.iter().map(|&t| Input::Token(t)).collect();
+            let t0 = Instant::now();
+            self.forward(seq, &inputs, Logits::Last, &mut logits, None)?;
+            let prefill = t0.elapsed();
+            let t1 = Instant::now();
+            let mut tokens = Vec::new();
+            let mut decoder = TextDecoder::default();
+            let mut text = String::new();
+            let stop = loop {
+                if tokens.len() >= opts.max_tokens {
+                    break StopReason::MaxTokens;
+                }
+                let next = sampler.sample(&mut logits, &history);
+                tokens.push(next);
+                history.push(next);
+                if next == self.tokenizer.eos_token_id() && !opts.ignore_eos {
+                    break StopReason::Eos;
+                }
+                let piece = decoder.push(&self.tokenizer, next)?;
+                text.push_str(&piece);
+                if !on_token(next, &piece) {
+                    break StopReason::Cancelled;
+                }
+                if tokens.len() >= opts.max_tokens {
+                    break StopReason::MaxTokens;
+                }
+                if history.len() >= self.context_length() {
+                    break StopReason::ContextFull;
+                }
+                self.forward(seq, &[Input::Token(next)], Logits::Last, &mut logits, None)?;
+            };
+            let decode = t1.elapsed();
+            Ok(Generation {
+                prompt_tokens: prompt.to_vec(),
+                tokens,
+                text,
+                stop_reason: stop,
+                timings: Timings {
+                    prefill,
+                    prefill_tokens: prompt.len(),
+                    decode,
+                },
+            })
+        })();
+        self.release_sequence(seq)?;
+        result
+    }
+}
+
+/// Turns a token stream into text pieces that never split a UTF-8 character
+/// (byte-level BPE tokens may hold part of one).
+#[derive(Default)]
+pub struct TextDecoder {
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl TextDecoder {
+    /// Adds `id`; returns the text it completes (possibly empty).
+    pub fn push(&mut self, tok: &MiphaTokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = tok.decode(&self.ids)?;
+        if text.ends_with('\u{fffd}') {
+            return Ok(String::new());
+        }
+        let piece = text.get(self.emitted..).unwrap_or_default().to_string();
+        self.emitted = text.len();
+        Ok(piece)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// keep going past `<|endoftext|>`
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_tokens: 256,
+            sampling: SamplingParams::default(),
+            ignore_eos: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// the model wrote `<|endoftext|>`
+    Eos,
+    MaxTokens,
+    /// the sequence filled the model's context
+    ContextFull,
+    /// the caller stopped it
+    Cancelled,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Eos => "eos",
+            StopReason::MaxTokens => "max_tokens",
+            StopReason::ContextFull => "context_full",
+            StopReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Timings {
+    pub prefill: Duration,
+    pub prefill_tokens: usize,
+    /// from the first sampled token to the end
+    pub decode: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub prompt_tokens: Vec<u32>,
+    /// generated ids, including a final `<|endoftext|>` when that stopped it
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub stop_reason: StopReason,
+    pub timings: Timings,
+}

@@ -1,0 +1,312 @@
+//! The graph plan: a model's forward pass as a flat list of ops over named
+//! activation buffers and weights, laid out once at load time.
+//!
+//! Every buffer is `[max_tokens, width]` f32 and is reused by every layer, so a
+//! step allocates nothing; a step runs the same plan over its `n_tokens` rows.
+//! Backends execute plans; models only build them.
+
+use std::sync::Arc;
+
+use mipha_kernels::QuantType;
+
+use crate::error::{Error, Result};
+use crate::format::MqfFile;
+
+/// Index of an activation buffer of a plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BufId(pub usize);
+
+/// Index of a weight of a plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WeightId(pub usize);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GeluKind {
+    /// tanh approximation (`gelu_new`, `gelu_pytorch_tanh`)
+    Tanh,
+    /// exact erf form (`nn.GELU()`)
+    Erf,
+}
+
+/// Which rows of a step a row-selective op computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rows {
+    /// every row of the step
+    All,
+    /// the rows the step asks outputs for ([`crate::Step::outputs`]), packed from row 0
+    Outputs,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// Row t of `out` = the step's input t: a token's embedding row or a given vector.
+    Embed {
+        table: WeightId,
+        out: BufId,
+    },
+    LayerNorm {
+        x: BufId,
+        weight: WeightId,
+        bias: WeightId,
+        eps: f32,
+        out: BufId,
+    },
+    /// out = x · wᵀ + bias
+    MatMul {
+        x: BufId,
+        w: WeightId,
+        bias: Option<WeightId>,
+        out: BufId,
+        rows: Rows,
+    },
+    Gelu {
+        x: BufId,
+        kind: GeluKind,
+    },
+    /// dst += src
+    Add {
+        dst: BufId,
+        src: BufId,
+    },
+    /// Partial rotate-half rotary embedding at the step's positions, in place.
+    Rope {
+        x: BufId,
+        n_heads: usize,
+        head_dim: usize,
+        rot_dims: usize,
+        theta: f32,
+    },
+    /// Appends the step's k/v rows to layer `layer` of the sequence's KV cache, then
+    /// attends q over every cached position (causally or not).
+    Attention {
+        layer: usize,
+        q: BufId,
+        k: BufId,
+        v: BufId,
+        out: BufId,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        causal: bool,
+        scale: f32,
+    },
+    /// Hands `x` to the step's capture sink under `name` (debugging and conformance);
+    /// a no-op when the step has no sink.
+    Tap {
+        x: BufId,
+        name: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BufferDesc {
+    pub name: String,
+    /// f32 elements per row
+    pub width: usize,
+}
+
+/// A weight the plan reads, with the shape the model expects.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WeightDesc {
+    pub name: String,
+    pub shape: Vec<u64>,
+}
+
+/// Shapes of the KV cache a plan's attention ops need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvShape {
+    pub n_layers: usize,
+    /// f32 elements of one position's K (or V) row in one layer
+    pub kv_dim: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub buffers: Vec<BufferDesc>,
+    pub weights: Vec<WeightDesc>,
+    pub ops: Vec<Op>,
+    /// most rows one step may carry
+    pub max_tokens: usize,
+    /// most output rows one step may ask for (rows of [`Rows::Outputs`] buffers)
+    pub max_outputs: usize,
+    /// width of a step's input rows (the embedding width)
+    pub input_width: usize,
+    /// the buffer holding the step's result
+    pub output: BufId,
+    pub kv: Option<KvShape>,
+}
+
+impl Plan {
+    pub fn buffer(&self, id: BufId) -> &BufferDesc {
+        &self.buffers[id.0]
+    }
+}
+
+/// Builds a [`Plan`] op by op; models call it from their `forward` methods.
+pub struct PlanBuilder {
+    plan: Plan,
+}
+
+impl PlanBuilder {
+    pub fn new(max_tokens: usize, max_outputs: usize, input_width: usize) -> Self {
+        PlanBuilder {
+            plan: Plan {
+                buffers: Vec::new(),
+                weights: Vec::new(),
+                ops: Vec::new(),
+                max_tokens,
+                max_outputs,
+                input_width,
+                output: BufId(0),
+                kv: None,
+            },
+        }
+    }
+
+    /// A new activation buffer of `width` f32 per row.
+    pub fn buffer(&mut self, name: impl Into<String>, width: usize) -> BufId {
+        self.plan.buffers.push(BufferDesc {
+            name: name.into(),
+            width,
+        });
+        BufId(self.plan.buffers.len() - 1)
+    }
+
+    /// A weight the plan reads; the same name twice gives the same id.
+    pub fn weight(&mut self, name: impl Into<String>, shape: &[usize]) -> WeightId {
+        let name = name.into();
+        if let Some(i) = self.plan.weights.iter().position(|w| w.name == name) {
+            return WeightId(i);
+        }
+        self.plan.weights.push(WeightDesc {
+            name,
+            shape: shape.iter().map(|&d| d as u64).collect(),
+        });
+        WeightId(self.plan.weights.len() - 1)
+    }
+
+    pub fn width(&self, id: BufId) -> usize {
+        self.plan.buffers[id.0].width
+    }
+
+    pub fn push(&mut self, op: Op) {
+        self.plan.ops.push(op);
+    }
+
+    pub fn set_kv(&mut self, kv: KvShape) {
+        self.plan.kv = Some(kv);
+    }
+
+    pub fn finish(mut self, output: BufId) -> Plan {
+        self.plan.output = output;
+        self.plan
+    }
+}
+
+/// A weight bound to its bytes in the mapped file.
+#[derive(Clone, Copy, Debug)]
+pub struct BoundWeight<'a> {
+    pub ty: QuantType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [u8],
+}
+
+impl<'a> BoundWeight<'a> {
+    pub fn view(&self) -> mipha_kernels::WeightView<'a> {
+        mipha_kernels::WeightView::new(self.ty, self.data, self.rows, self.cols)
+    }
+
+    /// The weight as f32 values; only for F32 tensors (norms, biases, embeddings).
+    pub fn f32s(&self) -> &'a [f32] {
+        debug_assert_eq!(self.ty, QuantType::F32);
+        bytemuck::cast_slice(self.data)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct RawWeight {
+    ty: QuantType,
+    rows: usize,
+    cols: usize,
+    ptr: *const u8,
+    len: usize,
+}
+
+/// The plan's weights resolved against a file, shapes checked once at load.
+/// Holds the file, so weights and file travel together (engines are shared
+/// between threads and live as long as any session).
+pub struct Weights {
+    file: Arc<MqfFile>,
+    raw: Vec<RawWeight>,
+}
+
+// SAFETY: the pointers point into `file`'s read-only memory map, which is kept
+// alive by the Arc and never written or remapped.
+unsafe impl Send for Weights {}
+unsafe impl Sync for Weights {}
+
+impl Weights {
+    /// Looks up every weight of `plan` in `file`, checks its shape, and checks that
+    /// weights read as plain f32 (norms, biases) are stored as F32.
+    pub fn bind(plan: &Plan, file: Arc<MqfFile>) -> Result<Self> {
+        let f32_only = f32_only_weights(plan);
+        let mut raw = Vec::with_capacity(plan.weights.len());
+        for (i, desc) in plan.weights.iter().enumerate() {
+            let t = file.tensor(&desc.name)?;
+            if t.info.shape != desc.shape {
+                return Err(Error::Shape {
+                    tensor: desc.name.clone(),
+                    detail: format!(
+                        "the model expects shape {:?}, the file has {:?}",
+                        desc.shape, t.info.shape
+                    ),
+                });
+            }
+            if f32_only[i] && t.info.ty != QuantType::F32 {
+                return Err(Error::Shape {
+                    tensor: desc.name.clone(),
+                    detail: format!("must be stored as f32, the file has {}", t.info.ty),
+                });
+            }
+            raw.push(RawWeight {
+                ty: t.info.ty,
+                rows: t.info.rows(),
+                cols: t.info.cols(),
+                ptr: t.data.as_ptr(),
+                len: t.data.len(),
+            });
+        }
+        Ok(Weights { file, raw })
+    }
+
+    pub fn file(&self) -> &Arc<MqfFile> {
+        &self.file
+    }
+
+    pub fn get(&self, id: WeightId) -> BoundWeight<'_> {
+        let r = &self.raw[id.0];
+        BoundWeight {
+            ty: r.ty,
+            rows: r.rows,
+            cols: r.cols,
+            // SAFETY: see the Send/Sync impls; ptr/len came from a slice of the map.
+            data: unsafe { std::slice::from_raw_parts(r.ptr, r.len) },
+        }
+    }
+}
+
+fn f32_only_weights(plan: &Plan) -> Vec<bool> {
+    let mut only = vec![false; plan.weights.len()];
+    for op in &plan.ops {
+        match op {
+            Op::LayerNorm { weight, bias, .. } => {
+                only[weight.0] = true;
+                only[bias.0] = true;
+            }
+            Op::MatMul { bias: Some(b), .. } => only[b.0] = true,
+            _ => {}
+        }
+    }
+    only
+}
