@@ -136,3 +136,128 @@ fn roundtrip_every_value_and_quant_type() {
     write(&path, md.clone(), &specs, false);
     check(&path, &md, &specs);
 }
+
+#[test]
+fn tensors_written_in_reverse_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rev.mqf");
+    let md = all_value_types();
+    let specs = specs();
+    write(&path, md.clone(), &specs, true);
+    check(&path, &md, &specs);
+}
+
+#[test]
+fn layout_is_aligned_and_dense() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("layout.mqf");
+    let specs = specs();
+    write(&path, vec![], &specs, false);
+    let f = MqfFile::open(&path).unwrap();
+    assert_eq!(
+        f.data_offset(),
+        DATA_ALIGN,
+        "a small header fits in one page"
+    );
+    let mut end = 0u64;
+    for t in f.tensors() {
+        // Each tensor sits at the first aligned offset after the previous one.
+        assert_eq!(t.offset, end.div_ceil(TENSOR_ALIGN) * TENSOR_ALIGN);
+        end = t.offset + t.len;
+        let abs = f.data_offset() + t.offset;
+        assert_eq!(abs % TENSOR_ALIGN, 0);
+    }
+    assert_eq!(f.file_size(), f.data_offset() + end);
+    // Alignment gaps are zero.
+    let bytes = std::fs::read(&path).unwrap();
+    let mut prev_end = f.data_offset() as usize;
+    for t in f.tensors() {
+        let start = (f.data_offset() + t.offset) as usize;
+        assert!(bytes[prev_end..start].iter().all(|&b| b == 0));
+        prev_end = start + t.len as usize;
+    }
+}
+
+#[test]
+fn large_metadata_pushes_the_data_offset_to_a_later_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.mqf");
+    let md = vec![(
+        "tokenizer.huggingface.json".to_string(),
+        MetaValue::Bytes(vec![b'x'; 3 * 4096 + 17]),
+    )];
+    let specs = vec![TensorSpec::new("w", QuantType::Q4_0, vec![3, 100])];
+    write(&path, md.clone(), &specs, false);
+    let f = MqfFile::open(&path).unwrap();
+    assert_eq!(f.data_offset(), 4 * DATA_ALIGN);
+    check(&path, &md, &specs);
+}
+
+#[test]
+fn file_without_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("empty.mqf");
+    let md = vec![("general.name".to_string(), MetaValue::Str("x".into()))];
+    MqfWriter::create(&path, md.clone(), vec![])
+        .unwrap()
+        .finish()
+        .unwrap();
+    let f = MqfFile::open(&path).unwrap();
+    assert!(f.tensors().is_empty());
+    assert_eq!(f.file_size(), f.data_offset());
+    assert_eq!(f.metadata().entries, md);
+    f.verify().unwrap();
+    assert!(matches!(
+        f.tensor("nope"),
+        Err(mipha_runtime::Error::MissingTensor(n)) if n == "nope"
+    ));
+}
+
+#[test]
+fn rows_of_a_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rows.mqf");
+    let specs = vec![TensorSpec::new("w", QuantType::Q8_0, vec![3, 40])];
+    write(&path, vec![], &specs, false);
+    let f = MqfFile::open(&path).unwrap();
+    let t = f.tensor("w").unwrap();
+    let all = tensor_bytes(QuantType::Q8_0, &[3, 40], 0);
+    for r in 0..3 {
+        assert_eq!(t.row(r).unwrap(), &all[r * 68..(r + 1) * 68]);
+    }
+    assert!(t.row(3).is_none());
+}
+
+#[test]
+fn writing_the_same_path_twice_replaces_atomically() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.mqf");
+    let first = vec![TensorSpec::new("w", QuantType::F32, vec![2, 8])];
+    let second = vec![TensorSpec::new("v", QuantType::F16, vec![3])];
+    let md1 = vec![("general.name".to_string(), MetaValue::Str("one".into()))];
+    let md2 = vec![("general.name".to_string(), MetaValue::Str("two".into()))];
+    write(&path, md1.clone(), &first, false);
+    let old = MqfFile::open(&path).unwrap();
+
+    // While the second file is being written, the destination is still the first.
+    let mut w = MqfWriter::create(&path, md2.clone(), second.clone()).unwrap();
+    w.write_tensor(0, &tensor_bytes(QuantType::F16, &[3], 0))
+        .unwrap();
+    check(&path, &md1, &first);
+    w.finish().unwrap();
+
+    check(&path, &md2, &second);
+    // A reader that had the old file open keeps seeing it intact.
+    assert_eq!(old.metadata().get_str("general.name").unwrap(), "one");
+    assert_eq!(
+        old.tensor("w").unwrap().data,
+        tensor_bytes(QuantType::F32, &[2, 8], 0)
+    );
+    old.verify().unwrap();
+    // No temporary files are left behind.
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["model.mqf"]);
+}

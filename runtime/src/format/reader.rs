@@ -327,7 +327,6 @@ fn parse_tensors(c: &mut Cursor, data_len: u64) -> Result<Vec<TensorInfo>> {
     let mut tensors: Vec<TensorInfo> = Vec::new();
     let mut names = HashSet::new();
     for i in 0..count {
-        let entry_pos = c.pos;
         let name = c.string(&|| format!("tensor entry {i} name"))?;
         let what = |field: &str| format!("tensor `{name}` {field}");
         let id = c.u32(&|| what("quant type id"))?;
@@ -348,7 +347,6 @@ fn parse_tensors(c: &mut Cursor, data_len: u64) -> Result<Vec<TensorInfo>> {
 
         let bad = |detail: String| corrupt(path, format!("tensor `{name}`: {detail}"));
         if !names.insert(name.clone()) {
-            let _ = entry_pos;
             return Err(bad("duplicate tensor name".to_string()));
         }
         let ty = QuantType::from_id(id).ok_or_else(|| Error::UnknownQuantType {
@@ -507,7 +505,8 @@ impl MqfFile {
             ));
         }
         let header_end = (PREAMBLE_LEN as u64).checked_add(p.header_len);
-        if !header_end.is_some_and(|e| e <= p.data_offset) || p.data_offset > actual_len {
+        let fits = header_end.is_some_and(|e| e <= p.data_offset) && p.data_offset <= actual_len;
+        if !fits {
             return Err(corrupt(
                 &path,
                 format!(
