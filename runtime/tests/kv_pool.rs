@@ -82,6 +82,12 @@ fn truncate_rolls_back_and_frees_whole_blocks() {
     assert_eq!(pool.len(a).unwrap(), 5);
     assert_eq!(pool.block_table(a).unwrap().len(), 2);
     assert_eq!(pool.free_blocks(), 6);
-    assert!(pool.set_len(a, 9).is_err(), "cannot claim unreserved positions");
-    assert!(matches!(pool.reserve(99, 1), Err(Error::UnknownSequence(99))));
+    assert!(
+        pool.set_len(a, 9).is_err(),
+        "cannot claim unreserved positions"
+    );
+    assert!(matches!(
+        pool.reserve(99, 1),
+        Err(Error::UnknownSequence(99))
+    ));
 }
