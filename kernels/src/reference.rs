@@ -85,11 +85,16 @@ pub(crate) fn check_layer_norm(x: &[f32], cols: usize, weight: &[f32], bias: &[f
 }
 
 /// Tanh-approximation GELU (HF `gelu_new`), in place.
+///
+/// Evaluated as `x / (1 + e^{-2u})`, the same function as `0.5 x (1 + tanh(u))`:
+/// in the left tail `1 + tanh(u)` cancels completely even in f64 (at x = -8 the
+/// true value is ~1e-21 of the terms).
 pub fn gelu_tanh(x: &mut [f32]) {
     let c = (2.0 / std::f64::consts::PI).sqrt();
     for v in x {
         let a = *v as f64;
-        *v = (0.5 * a * (1.0 + (c * (a + 0.044715 * a * a * a)).tanh())) as f32;
+        let u = c * (a + 0.044715 * a * a * a);
+        *v = (a / (1.0 + (-2.0 * u).exp())) as f32;
     }
 }
 

@@ -1,38 +1,86 @@
 //! The CPU path the engine runs. Same functions and signatures as
 //! [`crate::reference`], which is what every function here is tested against.
+//!
+//! SIMD through `wide` (whatever the build's target features allow; run-time
+//! dispatch is a later step), threads through rayon's global pool: ops split
+//! their work only when it is large enough to pay for the fork.
+
+mod attention;
+mod math;
+mod matmul;
+
+use rayon::prelude::*;
+use wide::f32x8;
 
 use crate::reference;
 pub use crate::{KvView, WeightView};
+use math::{load, map_in_place, store};
+
+/// Elements below which an elementwise op stays on the calling thread.
+const PAR_MIN: usize = 1 << 15;
 
 /// `out[m, n] = x[m, k] . W[n, k]^T (+ bias[n])`. `x` is row-major `[m, k]` with
 /// `k = w.cols`; `out` is `[m, w.rows]`.
 pub fn matmul(x: &[f32], m: usize, w: WeightView, bias: Option<&[f32]>, out: &mut [f32]) {
-    reference::matmul(x, m, w, bias, out)
+    matmul::matmul(x, m, w, bias, out)
 }
 
 /// Row-wise LayerNorm over rows of `cols` elements (`rows = x.len() / cols`).
 pub fn layer_norm(x: &[f32], cols: usize, weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
-    reference::layer_norm(x, cols, weight, bias, eps, out)
+    reference::check_layer_norm(x, cols, weight, bias, out);
+    let rows = x.len() / cols;
+    let per_task = (PAR_MIN / cols).max(1);
+    if rows > per_task {
+        x.par_chunks(cols * per_task)
+            .zip(out.par_chunks_mut(cols * per_task))
+            .for_each(|(xs, os)| layer_norm_rows(xs, cols, weight, bias, eps, os));
+    } else {
+        layer_norm_rows(x, cols, weight, bias, eps, out);
+    }
 }
 
 /// Tanh-approximation GELU (HF `gelu_new` / `gelu_pytorch_tanh`), in place.
 pub fn gelu_tanh(x: &mut [f32]) {
-    reference::gelu_tanh(x)
+    map_par(x, math::gelu_tanh8)
 }
 
 /// Exact erf GELU (torch `nn.GELU()`), in place.
 pub fn gelu_erf(x: &mut [f32]) {
-    reference::gelu_erf(x)
+    map_par(x, math::gelu_erf8)
 }
 
 /// `dst += src`.
 pub fn add_assign(dst: &mut [f32], src: &[f32]) {
-    reference::add_assign(dst, src)
+    assert_eq!(dst.len(), src.len(), "add_assign: length mismatch");
+    if dst.len() >= 2 * PAR_MIN {
+        dst.par_chunks_mut(PAR_MIN)
+            .zip(src.par_chunks(PAR_MIN))
+            .for_each(|(d, s)| add_assign_serial(d, s));
+    } else {
+        add_assign_serial(dst, src);
+    }
 }
 
 /// Numerically stable softmax of one row, in place (an all `-inf` row becomes zeros).
 pub fn softmax(row: &mut [f32]) {
-    reference::softmax(row)
+    let n8 = row.len() / 8 * 8;
+    let mut vmax = f32x8::splat(f32::NEG_INFINITY);
+    for c in (0..n8).step_by(8) {
+        vmax = vmax.max(load(&row[c..]));
+    }
+    let max = vmax
+        .as_array()
+        .iter()
+        .chain(&row[n8..])
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    let vm = f32x8::splat(max);
+    map_in_place(row, |v| (v - vm).exp());
+    let inv = 1.0 / sum(row);
+    map_in_place(row, |v| v * f32x8::splat(inv));
 }
 
 /// Partial rotate-half (NeoX) rotary embedding, in place. `x` is
@@ -46,12 +94,43 @@ pub fn rope_partial(
     positions: &[usize],
     theta: f32,
 ) {
-    reference::rope_partial(x, n_heads, head_dim, rot_dims, positions, theta)
+    reference::check_rope(x, n_heads, head_dim, rot_dims, positions);
+    let width = n_heads * head_dim;
+    if width == 0 || rot_dims == 0 {
+        return;
+    }
+    let half = rot_dims / 2;
+    // f64 angles: at position 2048+ an f32 product pos * inv_freq is already off by
+    // ~1e-4 rad. One sin_cos per (position, frequency), shared by all heads.
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|j| (theta as f64).powf(-2.0 * j as f64 / rot_dims as f64))
+        .collect();
+    let rotate_row = |row: &mut [f32], pos: usize| {
+        for (j, &f) in inv_freq.iter().enumerate() {
+            let (sin, cos) = (pos as f64 * f).sin_cos();
+            let (sin, cos) = (sin as f32, cos as f32);
+            for head in row.chunks_exact_mut(head_dim) {
+                let (x1, x2) = (head[j], head[half + j]);
+                head[j] = x1 * cos - x2 * sin;
+                head[half + j] = x2 * cos + x1 * sin;
+            }
+        }
+    };
+    if positions.len() * width >= PAR_MIN {
+        x.par_chunks_mut(width)
+            .zip(positions.par_iter())
+            .for_each(|(row, &pos)| rotate_row(row, pos));
+    } else {
+        for (row, &pos) in x.chunks_exact_mut(width).zip(positions) {
+            rotate_row(row, pos);
+        }
+    }
 }
 
 /// Gathers rows `ids` of `table` into `out` (`[ids.len(), table.cols]`), dequantizing.
 /// Returns `Err(id)` for an id outside the table, leaving `out` untouched.
 pub fn embedding(table: WeightView, ids: &[u32], out: &mut [f32]) -> Result<(), u32> {
+    // A gather of a few rows: the scalar row decoder is already memory-bound here.
     reference::embedding(table, ids, out)
 }
 
@@ -75,7 +154,70 @@ pub fn attention(
     scale: f32,
     out: &mut [f32],
 ) {
-    reference::attention(
+    attention::attention(
         q, n_tokens, n_heads, n_kv_heads, head_dim, kv, first_pos, causal, scale, out,
     )
+}
+
+fn map_par(x: &mut [f32], f: fn(f32x8) -> f32x8) {
+    if x.len() >= 2 * PAR_MIN {
+        x.par_chunks_mut(PAR_MIN).for_each(|c| map_in_place(c, f));
+    } else {
+        map_in_place(x, f);
+    }
+}
+
+pub(crate) fn add_assign_serial(dst: &mut [f32], src: &[f32]) {
+    let n8 = dst.len() / 8 * 8;
+    for c in (0..n8).step_by(8) {
+        let v = load(&dst[c..]) + load(&src[c..]);
+        store(&mut dst[c..], v);
+    }
+    for (d, s) in dst[n8..].iter_mut().zip(&src[n8..]) {
+        *d += *s;
+    }
+}
+
+/// Sum with eight lane accumulators (shorter rounding chains than a serial sum).
+fn sum(x: &[f32]) -> f32 {
+    let n8 = x.len() / 8 * 8;
+    let mut acc = f32x8::ZERO;
+    for c in (0..n8).step_by(8) {
+        acc += load(&x[c..]);
+    }
+    x[n8..].iter().fold(acc.reduce_add(), |s, &v| s + v)
+}
+
+/// Two-pass mean/variance in f32 (no `E[x^2] - E[x]^2` cancellation).
+fn layer_norm_rows(
+    x: &[f32],
+    cols: usize,
+    weight: &[f32],
+    bias: &[f32],
+    eps: f32,
+    out: &mut [f32],
+) {
+    let n8 = cols / 8 * 8;
+    for (xr, or) in x.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
+        let mean = sum(xr) / cols as f32;
+        let vm = f32x8::splat(mean);
+        let mut acc = f32x8::ZERO;
+        for c in (0..n8).step_by(8) {
+            let d = load(&xr[c..]) - vm;
+            acc = d.mul_add(d, acc);
+        }
+        let var = xr[n8..]
+            .iter()
+            .fold(acc.reduce_add(), |s, &v| s + (v - mean) * (v - mean))
+            / cols as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        let vi = f32x8::splat(inv);
+        for c in (0..n8).step_by(8) {
+            let y = ((load(&xr[c..]) - vm) * vi).mul_add(load(&weight[c..]), load(&bias[c..]));
+            store(&mut or[c..], y);
+        }
+        for c in n8..cols {
+            or[c] = (xr[c] - mean) * inv * weight[c] + bias[c];
+        }
+    }
 }

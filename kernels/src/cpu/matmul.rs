@@ -1,0 +1,248 @@
+//! `out = x . W^T (+ b)` with weights decoded block by block into f32 registers.
+//!
+//! Work is split over weight rows (output columns): at decode time (`m = 1`) the
+//! op is a stream through the weights, and each thread streams its own rows. For
+//! `m > 1` every weight block is decoded once per tile of up to four x rows.
+//! Activations stay f32, so results match an oracle run on dequantized weights.
+
+use std::cell::Cell;
+
+use half::f16;
+use rayon::prelude::*;
+use wide::{f32x8, u32x8};
+
+use super::math::load;
+use crate::quant::dequantize_row;
+use crate::reference::check_matmul;
+use crate::{QuantType, WeightView, QK};
+
+/// 32 decoded weights in four registers.
+type Block = [f32x8; 4];
+
+/// One storage type's block decoder. Blocks are 32 elements for every type so the
+/// dot-product loop is shared; a row's last partial block goes through
+/// [`dequantize_row`] into a zero-padded buffer.
+trait Decode {
+    /// Bytes per 32 elements.
+    const BYTES: usize;
+    fn block(b: &[u8]) -> Block;
+}
+
+struct F32;
+struct F16;
+struct Bf16;
+struct Q8;
+struct Q4;
+
+impl Decode for F32 {
+    const BYTES: usize = 128;
+    #[inline(always)]
+    fn block(b: &[u8]) -> Block {
+        std::array::from_fn(|c| {
+            f32x8::new(std::array::from_fn(|t| {
+                let o = 32 * c + 4 * t;
+                f32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+            }))
+        })
+    }
+}
+
+#[inline(always)]
+fn u16x8_at(b: &[u8], o: usize) -> u32x8 {
+    u32x8::new(std::array::from_fn(|t| {
+        u16::from_le_bytes([b[o + 2 * t], b[o + 2 * t + 1]]) as u32
+    }))
+}
+
+/// Branch-free f16 -> f32: shifting the exponent+mantissa into f32 position and
+/// scaling by 2^112 (the exponent-bias difference) is exact for normals and
+/// subnormals alike; inf/NaN (which land at >= 65536) get the all-ones exponent.
+#[inline(always)]
+fn f16x8_to_f32(h: u32x8) -> f32x8 {
+    let bits = (h & u32x8::splat(0x7fff)) << 13;
+    let mag: f32x8 = bytemuck::cast::<_, f32x8>(bits) * f32x8::splat(f32::from_bits(0x7780_0000));
+    let special: f32x8 = bytemuck::cast(bits | u32x8::splat(0x7000_0000));
+    let mag = mag.simd_ge(f32x8::splat(65536.0)).select(special, mag);
+    let sign: f32x8 = bytemuck::cast((h & u32x8::splat(0x8000)) << 16);
+    mag | sign
+}
+
+impl Decode for F16 {
+    const BYTES: usize = 64;
+    #[inline(always)]
+    fn block(b: &[u8]) -> Block {
+        std::array::from_fn(|c| f16x8_to_f32(u16x8_at(b, 16 * c)))
+    }
+}
+
+impl Decode for Bf16 {
+    const BYTES: usize = 64;
+    #[inline(always)]
+    fn block(b: &[u8]) -> Block {
+        std::array::from_fn(|c| bytemuck::cast(u16x8_at(b, 16 * c) << 16))
+    }
+}
+
+impl Decode for Q8 {
+    const BYTES: usize = 34;
+    #[inline(always)]
+    fn block(b: &[u8]) -> Block {
+        let d = f32x8::splat(f16::from_le_bytes([b[0], b[1]]).to_f32());
+        std::array::from_fn(|c| {
+            f32x8::new(std::array::from_fn(|t| b[2 + 8 * c + t] as i8 as f32)) * d
+        })
+    }
+}
+
+impl Decode for Q4 {
+    const BYTES: usize = 18;
+    #[inline(always)]
+    fn block(b: &[u8]) -> Block {
+        let d = f32x8::splat(f16::from_le_bytes([b[0], b[1]]).to_f32());
+        // Elements 0..16 are the low nibbles of bytes 0..16, 16..32 the high ones.
+        std::array::from_fn(|c| {
+            let q = &b[2 + 8 * (c % 2)..2 + 8 * (c % 2) + 8];
+            let shift = if c < 2 { 0 } else { 4 };
+            f32x8::new(std::array::from_fn(|t| ((q[t] >> shift) & 15) as f32 - 8.0)) * d
+        })
+    }
+}
+
+/// x rows processed per pass over a weight row.
+const TILE: usize = 4;
+
+/// One tile of `R` x rows: row slices plus their last partial block, zero-padded
+/// so a padded weight block can be multiplied without reading past `x`.
+struct XTile<'a, const R: usize> {
+    rows: [&'a [f32]; R],
+    tails: [[f32; QK]; R],
+}
+
+impl<'a, const R: usize> XTile<'a, R> {
+    fn new(x: &'a [f32], k: usize, first: usize) -> Self {
+        let full = k / QK * QK;
+        let rows: [&[f32]; R] = std::array::from_fn(|r| &x[(first + r) * k..(first + r + 1) * k]);
+        let tails = std::array::from_fn(|r| {
+            let mut t = [0.0f32; QK];
+            t[..k - full].copy_from_slice(&rows[r][full..]);
+            t
+        });
+        XTile { rows, tails }
+    }
+}
+
+/// Dot products of `R` x rows with one stored weight row. `A` independent
+/// accumulators per x row hide FMA latency when `R` is small.
+#[inline(always)]
+fn dot_tile<D: Decode, const R: usize, const A: usize>(
+    ty: QuantType,
+    wrow: &[u8],
+    xt: &XTile<R>,
+    k: usize,
+) -> [f32; R] {
+    let nb = k / QK;
+    let mut acc = [[f32x8::ZERO; A]; R];
+    for b in 0..nb {
+        let w = D::block(&wrow[b * D::BYTES..(b + 1) * D::BYTES]);
+        for (acc_r, xr) in acc.iter_mut().zip(&xt.rows) {
+            let xs = &xr[b * QK..(b + 1) * QK];
+            for (c, wc) in w.iter().enumerate() {
+                let a = &mut acc_r[c % A];
+                *a = load(&xs[8 * c..]).mul_add(*wc, *a);
+            }
+        }
+    }
+    if k % QK != 0 {
+        let mut wt = [0.0f32; QK];
+        dequantize_row(ty, &wrow[nb * D::BYTES..], &mut wt[..k % QK]);
+        for (acc_r, tail) in acc.iter_mut().zip(&xt.tails) {
+            for c in 0..4 {
+                let a = &mut acc_r[c % A];
+                *a = load(&tail[8 * c..]).mul_add(load(&wt[8 * c..]), *a);
+            }
+        }
+    }
+    std::array::from_fn(|r| acc[r].iter().fold(f32x8::ZERO, |s, v| s + *v).reduce_add())
+}
+
+/// Computes rows `j0..j0 + out_t.len() / m` of `out^T` (column-major: `out_t[j * m + i]`).
+fn matmul_cols<D: Decode>(x: &[f32], m: usize, w: &WeightView, j0: usize, out_t: &mut [f32]) {
+    let k = w.cols;
+    let mut i = 0;
+    while i < m {
+        let left = m - i;
+        if left >= TILE {
+            let xt = XTile::<TILE>::new(x, k, i);
+            for (jj, o) in out_t.chunks_exact_mut(m).enumerate() {
+                let d = dot_tile::<D, TILE, 1>(w.ty, w.row(j0 + jj), &xt, k);
+                o[i..i + TILE].copy_from_slice(&d);
+            }
+            i += TILE;
+        } else if left >= 2 {
+            let xt = XTile::<2>::new(x, k, i);
+            for (jj, o) in out_t.chunks_exact_mut(m).enumerate() {
+                let d = dot_tile::<D, 2, 2>(w.ty, w.row(j0 + jj), &xt, k);
+                o[i..i + 2].copy_from_slice(&d);
+            }
+            i += 2;
+        } else {
+            let xt = XTile::<1>::new(x, k, i);
+            for (jj, o) in out_t.chunks_exact_mut(m).enumerate() {
+                o[i] = dot_tile::<D, 1, 4>(w.ty, w.row(j0 + jj), &xt, k)[0];
+            }
+            i += 1;
+        }
+    }
+}
+
+thread_local! {
+    /// Transposed-output scratch for `m > 1`, kept between calls so steady-state
+    /// matmuls do not allocate. Taken out (not borrowed) while in use, so a nested
+    /// call on the same thread (rayon work stealing) just gets a fresh buffer.
+    static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+pub(crate) fn matmul(x: &[f32], m: usize, w: WeightView, bias: Option<&[f32]>, out: &mut [f32]) {
+    check_matmul(x, m, &w, bias, out);
+    match w.ty {
+        QuantType::F32 => run::<F32>(x, m, &w, bias, out),
+        QuantType::F16 => run::<F16>(x, m, &w, bias, out),
+        QuantType::BF16 => run::<Bf16>(x, m, &w, bias, out),
+        QuantType::Q8_0 => run::<Q8>(x, m, &w, bias, out),
+        QuantType::Q4_0 => run::<Q4>(x, m, &w, bias, out),
+    }
+}
+
+fn run<D: Decode>(x: &[f32], m: usize, w: &WeightView, bias: Option<&[f32]>, out: &mut [f32]) {
+    let n = w.rows;
+    if m == 0 || n == 0 {
+        return;
+    }
+    // A few chunks per thread so uneven progress balances out.
+    let chunk = n.div_ceil(4 * rayon::current_num_threads()).max(4);
+    if m == 1 {
+        // out is [1, n]: already column-major.
+        out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
+            matmul_cols::<D>(x, 1, w, c * chunk, o);
+        });
+    } else {
+        let mut out_t = SCRATCH.take();
+        out_t.resize(m * n, 0.0);
+        out_t
+            .par_chunks_mut(chunk * m)
+            .enumerate()
+            .for_each(|(c, o)| {
+                matmul_cols::<D>(x, m, w, c * chunk, o);
+            });
+        out.par_chunks_mut(n).enumerate().for_each(|(i, o)| {
+            for (j, v) in o.iter_mut().enumerate() {
+                *v = out_t[j * m + i];
+            }
+        });
+        SCRATCH.set(out_t);
+    }
+    if let Some(b) = bias {
+        out.par_chunks_mut(n)
+            .for_each(|o| super::add_assign_serial(o, b));
+    }
+}
