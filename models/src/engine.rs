@@ -197,21 +197,26 @@ impl Engine {
             Logits::All => self.plan.max_tokens.min(self.plan.max_outputs),
         };
         logits.clear();
-        let mut outputs: Vec<usize> = Vec::new();
+        // Row indices whose logits are wanted: all rows of a chunk, or the last row
+        // of the last chunk. Built without allocating on the decode path.
+        let all_rows: Vec<usize> = match which {
+            Logits::All => (0..chunk).collect(),
+            Logits::Last => Vec::new(),
+        };
         let mut pos = start;
         let result = (|| {
             for part in inputs.chunks(chunk) {
-                outputs.clear();
-                match which {
-                    Logits::All => outputs.extend(0..part.len()),
-                    Logits::Last if pos + part.len() == total => outputs.push(part.len() - 1),
-                    Logits::Last => {}
-                }
+                let last = [part.len() - 1];
+                let outputs: &[usize] = match which {
+                    Logits::All => &all_rows[..part.len()],
+                    Logits::Last if pos + part.len() == total => &last,
+                    Logits::Last => &[],
+                };
                 let step = Step {
                     inputs: part,
                     first_pos: pos,
                     block_table: blocks.block_table(seq)?,
-                    outputs: &outputs,
+                    outputs,
                 };
                 backend.execute(&self.plan, &self.weights, &step, capture.as_deref_mut())?;
                 if !outputs.is_empty() {
