@@ -1,9 +1,11 @@
 //! The CPU path the engine runs. Same functions and signatures as
 //! [`crate::reference`], which is what every function here is tested against.
 //!
-//! SIMD through `wide` (whatever the build's target features allow; run-time
-//! dispatch is a later step), threads through rayon's global pool: ops split
-//! their work only when it is large enough to pay for the fork.
+//! SIMD through `wide`, which picks its instructions from the build's target
+//! features (a default x86-64 build gets SSE2 and no FMA; run-time dispatch is a
+//! later step). Threads through rayon: each op runs in whatever pool it is called
+//! from (the global one, or one the engine `install`s), may be called from inside
+//! a rayon task, and splits its work only when it is large enough to pay for it.
 
 mod attention;
 mod math;
@@ -21,6 +23,9 @@ const PAR_MIN: usize = 1 << 15;
 
 /// `out[m, n] = x[m, k] . W[n, k]^T (+ bias[n])`. `x` is row-major `[m, k]` with
 /// `k = w.cols`; `out` is `[m, w.rows]`.
+///
+/// For `m > 1` the calling thread keeps an `m * n` f32 scratch buffer between calls
+/// (threads split the weight rows, so they write transposed tiles first).
 pub fn matmul(x: &[f32], m: usize, w: WeightView, bias: Option<&[f32]>, out: &mut [f32]) {
     matmul::matmul(x, m, w, bias, out)
 }
