@@ -93,3 +93,86 @@ impl PhiConfig {
         self.num_key_value_heads * self.head_dim
     }
 }
+
+/// The SigLIP vision tower and the `mlp2x_gelu` projector.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    /// encoder layers in the file: those up to the selected one (the converter
+    /// drops the rest), so the tower's output is the selected hidden state
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub head_dim: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub num_channels: usize,
+    pub layer_norm_eps: f32,
+    /// `mm_projector.0` input and output widths (`projector.input_size`, `projector.hidden_size`)
+    pub projector_input: usize,
+    pub projector_hidden: usize,
+}
+
+impl VisionConfig {
+    /// `None` when the file has no vision tower (a text-only model).
+    pub fn from_metadata(m: &Metadata) -> Result<Option<Self>> {
+        if m.get("vision.hidden_size").is_none() {
+            return Ok(None);
+        }
+        for (key, want) in [
+            ("vision.hidden_act", &["gelu_pytorch_tanh", "gelu_new"][..]),
+            ("vision.select_feature", &["patch", "cls_patch"][..]),
+            ("projector.type", &["mlp2x_gelu"][..]),
+        ] {
+            let v = m.get_str(key)?;
+            if !want.contains(&v) {
+                return Err(Error::Config(format!("{key} `{v}` is not supported")));
+            }
+        }
+        let hidden_size = usize_key(m, "vision.hidden_size")?;
+        let heads = usize_key(m, "vision.num_attention_heads")?;
+        if !hidden_size.is_multiple_of(heads) {
+            return Err(Error::Config(format!(
+                "vision hidden size {hidden_size} is not a multiple of {heads} heads"
+            )));
+        }
+        let cfg = VisionConfig {
+            hidden_size,
+            intermediate_size: usize_key(m, "vision.intermediate_size")?,
+            num_hidden_layers: m.get_u64("vision.num_hidden_layers")? as usize,
+            num_attention_heads: heads,
+            head_dim: hidden_size / heads,
+            image_size: usize_key(m, "vision.image_size")?,
+            patch_size: usize_key(m, "vision.patch_size")?,
+            num_channels: usize_key(m, "vision.num_channels")?,
+            layer_norm_eps: m.get_f64("vision.layer_norm_eps")? as f32,
+            projector_input: usize_key(m, "projector.input_size")?,
+            projector_hidden: usize_key(m, "projector.hidden_size")?,
+        };
+        if cfg.projector_input != cfg.hidden_size {
+            return Err(Error::Config(format!(
+                "projector input {} != vision hidden size {}",
+                cfg.projector_input, cfg.hidden_size
+            )));
+        }
+        if cfg.patch_size > cfg.image_size {
+            return Err(Error::Config("patch larger than the image".into()));
+        }
+        Ok(Some(cfg))
+    }
+
+    /// Patches per side: the stride-`patch` "valid" convolution drops the remainder
+    /// (27 for 384 px and 14 px patches).
+    pub fn patches_per_side(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    pub fn num_patches(&self) -> usize {
+        self.patches_per_side() * self.patches_per_side()
+    }
+
+    /// Values of one flattened patch, in the conv weight's `[c, kh, kw]` order.
+    pub fn patch_len(&self) -> usize {
+        self.num_channels * self.patch_size * self.patch_size
+    }
+}

@@ -9,9 +9,10 @@ use mipha_runtime::{
     Step, Weights,
 };
 
-use crate::config::PhiConfig;
+use crate::config::{PhiConfig, VisionConfig};
 use crate::phi::PhiForCausalLM;
 use crate::sampling::{Sampler, SamplingParams};
+use crate::siglip::{patchify, SiglipVisionTower};
 use crate::template::{ChatTemplate, Turn};
 use crate::tokenizer::{MiphaTokenizer, PromptId};
 
@@ -55,6 +56,19 @@ pub enum Logits {
 struct Exec {
     backend: Box<dyn Backend>,
     blocks: BlockPool,
+    vision: Option<VisionExec>,
+}
+
+struct VisionExec {
+    backend: Box<dyn Backend>,
+    patches: Vec<f32>,
+}
+
+/// The vision tower's plan and weights, for files that have one.
+struct Vision {
+    config: VisionConfig,
+    plan: Plan,
+    weights: Weights,
 }
 
 /// A loaded model. Cheap to share (`Arc<Engine>`); forward steps of different
@@ -66,6 +80,7 @@ pub struct Engine {
     template: ChatTemplate,
     plan: Plan,
     weights: Weights,
+    vision: Option<Vision>,
     exec: Mutex<Exec>,
     options: EngineOptions,
     load_time: Duration,
@@ -97,8 +112,34 @@ impl Engine {
             n_blocks: blocks_per_seq * options.max_sequences.max(1),
             block_size: options.kv_block_size,
         };
-        let backend = CpuBackend::new(&plan, Some(kv), options.threads)?;
+        let pool = CpuBackend::thread_pool(options.threads)?;
+        let backend = CpuBackend::with_pool(&plan, Some(kv), pool.clone())?;
         let blocks = BlockPool::new(kv.n_blocks, kv.block_size);
+        let vision = match VisionConfig::from_metadata(meta)? {
+            Some(vc) => {
+                if vc.projector_hidden != config.hidden_size {
+                    return Err(Error::Config(format!(
+                        "the projector writes {}-wide embeddings, the language model takes {}",
+                        vc.projector_hidden, config.hidden_size
+                    )));
+                }
+                let plan = SiglipVisionTower::plan(&vc);
+                let weights = Weights::bind(&plan, file.clone())?;
+                Some(Vision {
+                    config: vc,
+                    plan,
+                    weights,
+                })
+            }
+            None => None,
+        };
+        let vision_exec = match &vision {
+            Some(v) => Some(VisionExec {
+                backend: Box::new(CpuBackend::with_pool(&v.plan, None, pool)?),
+                patches: Vec::new(),
+            }),
+            None => None,
+        };
         Ok(Engine {
             file,
             config,
@@ -106,9 +147,11 @@ impl Engine {
             template,
             plan,
             weights,
+            vision,
             exec: Mutex::new(Exec {
                 backend: Box::new(backend),
                 blocks,
+                vision: vision_exec,
             }),
             options,
             load_time: start.elapsed(),
@@ -181,7 +224,9 @@ impl Engine {
             return Err(Error::Other("forward: no inputs".into()));
         }
         let mut guard = self.lock();
-        let Exec { backend, blocks } = &mut *guard;
+        let Exec {
+            backend, blocks, ..
+        } = &mut *guard;
         let start = blocks.len(seq)?;
         let total = start + inputs.len();
         if total > self.context_length() {
@@ -235,6 +280,53 @@ impl Engine {
                 Err(e)
             }
         }
+    }
+
+    pub fn vision_config(&self) -> Option<&VisionConfig> {
+        self.vision.as_ref().map(|v| &v.config)
+    }
+
+    /// Runs preprocessed CHW pixels (`image.size` square, normalized) through the
+    /// vision tower and projector: `[num_patches, hidden]` image embeddings.
+    pub fn encode_pixels(
+        &self,
+        pixels: &[f32],
+        capture: Option<&mut (dyn Capture + '_)>,
+    ) -> Result<Vec<f32>> {
+        let vision = self
+            .vision
+            .as_ref()
+            .ok_or_else(|| Error::Config("this model file has no vision tower".into()))?;
+        let cfg = &vision.config;
+        let want = cfg.num_channels * cfg.image_size * cfg.image_size;
+        if pixels.len() != want {
+            return Err(Error::Other(format!(
+                "pixel buffer holds {} values, the vision tower takes {want} ({}x{}x{})",
+                pixels.len(),
+                cfg.num_channels,
+                cfg.image_size,
+                cfg.image_size
+            )));
+        }
+        let mut guard = self.lock();
+        let exec = guard.vision.as_mut().expect("built with the vision plan");
+        patchify(cfg, pixels, &mut exec.patches);
+        let inputs: Vec<Input> = exec
+            .patches
+            .chunks_exact(cfg.patch_len())
+            .map(Input::Embedding)
+            .collect();
+        let step = Step {
+            inputs: &inputs,
+            first_pos: 0,
+            block_table: &[],
+            outputs: &[],
+        };
+        exec.backend
+            .execute(&vision.plan, &vision.weights, &step, capture)?;
+        let mut out = vec![0.0; cfg.num_patches() * cfg.projector_hidden];
+        exec.backend.read_output(&mut out)?;
+        Ok(out)
     }
 
     /// The prompt ids of a single-turn text chat.

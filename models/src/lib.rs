@@ -5,10 +5,11 @@ pub mod config;
 pub mod engine;
 pub mod phi;
 pub mod sampling;
+pub mod siglip;
 pub mod template;
 pub mod tokenizer;
 
-pub use config::PhiConfig;
+pub use config::{PhiConfig, VisionConfig};
 pub use engine::{
     Engine, EngineOptions, GenerateOptions, Generation, Logits, StopReason, TextDecoder, Timings,
 };

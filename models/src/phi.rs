@@ -47,6 +47,20 @@ impl Linear {
         }
     }
 
+    /// A layer whose weight keeps another shape in the file (a conv kernel
+    /// `[out, c, kh, kw]` read as `[out, c*kh*kw]`).
+    pub fn new_with_shape(
+        g: &mut PlanBuilder,
+        prefix: &str,
+        weight_shape: &[usize],
+        out_features: usize,
+    ) -> Self {
+        Linear {
+            weight: g.weight(format!("{prefix}.weight"), weight_shape),
+            bias: g.weight(format!("{prefix}.bias"), &[out_features]),
+        }
+    }
+
     pub fn forward(&self, g: &mut PlanBuilder, x: BufId, out: BufId) {
         self.forward_rows(g, x, out, Rows::All);
     }

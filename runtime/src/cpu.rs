@@ -41,11 +41,25 @@ impl CpuBackend {
     /// Lays out every buffer of `plan` (and the KV pool, if the plan attends) once.
     /// `threads == 0` uses one thread per core.
     pub fn new(plan: &Plan, kv: Option<KvConfig>, threads: usize) -> Result<Self> {
-        let pool = rayon::ThreadPoolBuilder::new()
+        Self::with_pool(plan, kv, Self::thread_pool(threads)?)
+    }
+
+    /// A pool for [`CpuBackend::with_pool`], so several plans of one model share
+    /// their threads instead of oversubscribing the cores.
+    pub fn thread_pool(threads: usize) -> Result<std::sync::Arc<rayon::ThreadPool>> {
+        rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("mipha-cpu-{i}"))
             .build()
-            .map_err(|e| Error::Other(format!("cannot start the CPU thread pool: {e}")))?;
+            .map(std::sync::Arc::new)
+            .map_err(|e| Error::Other(format!("cannot start the CPU thread pool: {e}")))
+    }
+
+    pub fn with_pool(
+        plan: &Plan,
+        kv: Option<KvConfig>,
+        pool: std::sync::Arc<rayon::ThreadPool>,
+    ) -> Result<Self> {
         let threads = pool.current_num_threads();
         let mut output_rows = vec![false; plan.buffers.len()];
         let mut gather_width = 0;
@@ -93,7 +107,7 @@ impl CpuBackend {
             (None, _) => None,
         };
         Ok(CpuBackend {
-            pool: std::sync::Arc::new(pool),
+            pool,
             threads,
             buffers,
             output_rows,
@@ -157,6 +171,72 @@ impl CpuBackend {
                             }
                         }
                     }
+                }
+                Op::Input { out } => {
+                    let width = plan.buffer(*out).width;
+                    let out = &mut self.buffers[out.0];
+                    for (i, input) in step.inputs.iter().enumerate() {
+                        match input {
+                            Input::Embedding(v) if v.len() == width => {
+                                out[i * width..(i + 1) * width].copy_from_slice(v)
+                            }
+                            Input::Embedding(v) => {
+                                return Err(Error::Other(format!(
+                                    "input row {i} has {} values, the model takes {width}",
+                                    v.len()
+                                )))
+                            }
+                            Input::Token(_) => {
+                                return Err(Error::Other(
+                                    "this plan takes vectors, not token ids".into(),
+                                ))
+                            }
+                        }
+                    }
+                }
+                Op::AddRows { x, table } => {
+                    let width = plan.buffer(*x).width;
+                    let table = weights.get(*table).f32s();
+                    if n * width > table.len() {
+                        return Err(Error::Other(format!(
+                            "{n} rows exceed the {} rows of the position table",
+                            table.len() / width
+                        )));
+                    }
+                    k::add_assign(&mut self.buffers[x.0][..n * width], &table[..n * width]);
+                }
+                Op::SelfAttention {
+                    q,
+                    k: kb,
+                    v,
+                    out,
+                    n_heads,
+                    head_dim,
+                    causal,
+                    scale,
+                } => {
+                    let width = n_heads * head_dim;
+                    let mut o = std::mem::take(&mut self.buffers[out.0]);
+                    let view = KvView {
+                        k: &self.buffers[kb.0][..n * width],
+                        v: &self.buffers[v.0][..n * width],
+                        block_size: n,
+                        block_table: &[0],
+                        kv_dim: width,
+                    };
+                    k::attention(
+                        &self.buffers[q.0][..n * width],
+                        n,
+                        *n_heads,
+                        *n_heads,
+                        *head_dim,
+                        &view,
+                        0,
+                        *causal,
+                        *scale,
+                        &mut o[..n * width],
+                    );
+                    self.buffers[out.0] = o;
                 }
                 Op::LayerNorm {
                     x,

@@ -44,6 +44,28 @@ pub enum Op {
         table: WeightId,
         out: BufId,
     },
+    /// Row t of `out` = the step's input t, which must be a given vector (e.g. an
+    /// image patch flattened in the conv weight's `[c, kh, kw]` order).
+    Input {
+        out: BufId,
+    },
+    /// Row t of `x` += row t of `table` (learned position embeddings); the step
+    /// must not have more rows than the table.
+    AddRows {
+        x: BufId,
+        table: WeightId,
+    },
+    /// Attention of the step's rows over themselves, without a KV cache (SigLIP).
+    SelfAttention {
+        q: BufId,
+        k: BufId,
+        v: BufId,
+        out: BufId,
+        n_heads: usize,
+        head_dim: usize,
+        causal: bool,
+        scale: f32,
+    },
     LayerNorm {
         x: BufId,
         weight: WeightId,
@@ -269,10 +291,18 @@ impl Weights {
                     detail: format!("must be stored as f32, the file has {}", t.info.ty),
                 });
             }
+            // An F32 tensor of more than two dims (a conv kernel) is also a matrix of
+            // shape[0] rows: F32 rows are never padded, so the bytes are the same.
+            let (rows, cols) = if t.info.ty == QuantType::F32 && t.info.shape.len() > 2 {
+                let rows = t.info.shape[0] as usize;
+                (rows, t.info.numel() / rows)
+            } else {
+                (t.info.rows(), t.info.cols())
+            };
             raw.push(RawWeight {
                 ty: t.info.ty,
-                rows: t.info.rows(),
-                cols: t.info.cols(),
+                rows,
+                cols,
                 ptr: t.data.as_ptr(),
                 len: t.data.len(),
             });
@@ -305,6 +335,7 @@ fn f32_only_weights(plan: &Plan) -> Vec<bool> {
                 only[bias.0] = true;
             }
             Op::MatMul { bias: Some(b), .. } => only[b.0] = true,
+            Op::AddRows { table, .. } => only[table.0] = true,
             _ => {}
         }
     }
