@@ -20,6 +20,9 @@ use crate::tokenizer;
 /// Source bytes read per positioned read: large enough for sequential throughput,
 /// small against the largest tensor.
 const READ_CHUNK: usize = 16 << 20;
+/// Bytes per read of the hashing pass, which runs one thread per shard: each holds
+/// this plus twice as much decoded.
+const SCAN_CHUNK: usize = 2 << 20;
 
 #[derive(Clone, Debug)]
 pub struct ConvertOptions {
@@ -306,8 +309,8 @@ fn scan_file(
         .collect();
     kept.sort_by_key(|k| k.0);
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; READ_CHUNK];
-    let mut floats = vec![0f32; READ_CHUNK / 2];
+    let mut buf = vec![0u8; SCAN_CHUNK];
+    let mut floats = vec![0f32; SCAN_CHUNK / 2];
     let mut stats = Vec::with_capacity(kept.len());
     let mut pos = 0u64;
     let hash_range = |from: u64, to: u64, buf: &mut Vec<u8>, hasher: &mut Sha256| -> Result<()> {
@@ -326,9 +329,9 @@ fn scan_file(
         let mut m = 0f32;
         let mut finite = true;
         let mut p = start;
-        // READ_CHUNK is a multiple of every element size, so no element is split.
+        // SCAN_CHUNK is a multiple of every element size, so no element is split.
         while p < end {
-            let n = ((end - p) as usize).min(READ_CHUNK);
+            let n = ((end - p) as usize).min(SCAN_CHUNK);
             reader.read_at(p, &mut buf[..n])?;
             hasher.update(&buf[..n]);
             let f = &mut floats[..n / dtype.size()];
