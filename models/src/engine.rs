@@ -1,6 +1,8 @@
 //! The engine: a loaded model shared by every caller, and the generation loop.
 
+use std::collections::VecDeque;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,6 +33,8 @@ pub struct EngineOptions {
     pub max_sequences: usize,
     /// check every tensor checksum at load
     pub verify: bool,
+    /// image embeddings kept for reuse (an LRU keyed by pixel content)
+    pub image_cache: usize,
 }
 
 impl Default for EngineOptions {
@@ -42,6 +46,7 @@ impl Default for EngineOptions {
             kv_block_size: 16,
             max_sequences: 1,
             verify: false,
+            image_cache: 8,
         }
     }
 }
@@ -82,6 +87,7 @@ pub struct Engine {
     weights: Weights,
     vision: Option<Vision>,
     exec: Mutex<Exec>,
+    image_cache: Mutex<VecDeque<(u128, Arc<Vec<f32>>)>>,
     options: EngineOptions,
     load_time: Duration,
 }
@@ -153,6 +159,7 @@ impl Engine {
                 blocks,
                 vision: vision_exec,
             }),
+            image_cache: Mutex::new(VecDeque::new()),
             options,
             load_time: start.elapsed(),
         })
@@ -329,6 +336,33 @@ impl Engine {
         Ok(out)
     }
 
+    /// [`Engine::encode_pixels`] through a small LRU keyed by `key` (a content
+    /// hash of the image): the second question about a picture costs no encode.
+    /// Returns the embeddings and whether they came from the cache.
+    pub fn encode_image_cached(&self, pixels: &[f32], key: u128) -> Result<(Arc<Vec<f32>>, bool)> {
+        let lookup = |cache: &mut VecDeque<(u128, Arc<Vec<f32>>)>| {
+            let at = cache.iter().position(|(k, _)| *k == key)?;
+            let hit = cache.remove(at)?;
+            let embeds = hit.1.clone();
+            cache.push_front(hit);
+            Some(embeds)
+        };
+        if let Some(e) = lookup(&mut self.cache()) {
+            return Ok((e, true));
+        }
+        let embeds = Arc::new(self.encode_pixels(pixels, None)?);
+        let mut cache = self.cache();
+        if self.options.image_cache > 0 {
+            cache.push_front((key, embeds.clone()));
+            cache.truncate(self.options.image_cache);
+        }
+        Ok((embeds, false))
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, VecDeque<(u128, Arc<Vec<f32>>)>> {
+        self.image_cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The prompt ids of a single-turn text chat.
     pub fn chat_prompt(&self, user: &str) -> Result<Vec<u32>> {
         let segments = self.template.render(&[Turn {
@@ -353,7 +387,7 @@ impl Engine {
         &self,
         prompt: &[u32],
         opts: &GenerateOptions,
-        mut on_token: impl FnMut(u32, &str) -> bool,
+        on_token: impl FnMut(u32, &str) -> bool,
     ) -> Result<Generation> {
         opts.sampling.validate().map_err(Error::Config)?;
         if prompt.is_empty() {
@@ -361,76 +395,149 @@ impl Engine {
         }
         let seq = self.new_sequence();
         let result = (|| {
-            let mut sampler = Sampler::new(opts.sampling.clone());
-            let mut history = prompt.to_vec();
             let mut logits = Vec::new();
             let inputs: Vec<Input> = prompt.iter().map(|&t| Input::Token(t)).collect();
             let t0 = Instant::now();
             self.forward(seq, &inputs, Logits::Last, &mut logits, None)?;
             let prefill = t0.elapsed();
-            let t1 = Instant::now();
-            let mut tokens = Vec::new();
-            let mut decoder = TextDecoder::default();
-            let mut text = String::new();
-            let stop = loop {
-                if tokens.len() >= opts.max_tokens {
-                    break StopReason::MaxTokens;
-                }
-                let next = sampler.sample(&mut logits, &history);
-                tokens.push(next);
-                history.push(next);
-                if next == self.tokenizer.eos_token_id() && !opts.ignore_eos {
-                    break StopReason::Eos;
-                }
-                let piece = decoder.push(&self.tokenizer, next)?;
-                text.push_str(&piece);
-                if !on_token(next, &piece) {
-                    break StopReason::Cancelled;
-                }
-                if tokens.len() >= opts.max_tokens {
-                    break StopReason::MaxTokens;
-                }
-                if history.len() >= self.context_length() {
-                    break StopReason::ContextFull;
-                }
-                self.forward(seq, &[Input::Token(next)], Logits::Last, &mut logits, None)?;
-            };
-            let decode = t1.elapsed();
+            let mut history = prompt.to_vec();
+            let d = self.decode(seq, &mut logits, &mut history, opts, None, on_token)?;
             Ok(Generation {
                 prompt_tokens: prompt.to_vec(),
-                tokens,
-                text,
-                stop_reason: stop,
+                tokens: d.tokens,
+                text: d.text,
+                stop_reason: d.stop,
                 timings: Timings {
                     prefill,
                     prefill_tokens: prompt.len(),
-                    decode,
+                    decode: d.elapsed,
                 },
             })
         })();
         self.release_sequence(seq)?;
         result
     }
+
+    /// The decode loop shared by [`Engine::generate`] and sessions: samples from
+    /// `logits` (the last prefilled position), feeds each token back, stops at EOS,
+    /// `max_tokens`, the context end, the deadline, cancellation or when `on_token`
+    /// returns false. Every token it returns except a final EOS (or one sampled at a
+    /// stop) is in the KV cache; `history` gains them all.
+    pub(crate) fn decode(
+        &self,
+        seq: SeqId,
+        logits: &mut Vec<f32>,
+        history: &mut Vec<u32>,
+        opts: &GenerateOptions,
+        cancel: Option<&CancelToken>,
+        mut on_token: impl FnMut(u32, &str) -> bool,
+    ) -> Result<Decoded> {
+        let t0 = Instant::now();
+        let mut sampler = Sampler::new(opts.sampling.clone());
+        let mut tokens = Vec::new();
+        let mut decoder = TextDecoder::default();
+        let mut text = String::new();
+        let mut fed = 0;
+        let stopped = |tokens: &Vec<u32>| -> Option<StopReason> {
+            if cancel.is_some_and(|c| c.is_cancelled()) {
+                Some(StopReason::Cancelled)
+            } else if opts.deadline.is_some_and(|d| Instant::now() >= d) {
+                Some(StopReason::Deadline)
+            } else if tokens.len() >= opts.max_tokens {
+                Some(StopReason::MaxTokens)
+            } else {
+                None
+            }
+        };
+        let stop = loop {
+            if let Some(s) = stopped(&tokens) {
+                break s;
+            }
+            let next = sampler.sample(logits, history);
+            tokens.push(next);
+            history.push(next);
+            if next == self.tokenizer.eos_token_id() && !opts.ignore_eos {
+                break StopReason::Eos;
+            }
+            let piece = decoder.push(&self.tokenizer, next)?;
+            text.push_str(&piece);
+            if !on_token(next, &piece) {
+                break StopReason::Cancelled;
+            }
+            if let Some(s) = stopped(&tokens) {
+                break s;
+            }
+            if self.sequence_len(seq)? + 1 >= self.context_length() {
+                break StopReason::ContextFull;
+            }
+            self.forward(seq, &[Input::Token(next)], Logits::Last, logits, None)?;
+            fed += 1;
+        };
+        Ok(Decoded {
+            tokens,
+            text,
+            stop,
+            fed,
+            elapsed: t0.elapsed(),
+        })
+    }
+}
+
+/// What a decode loop produced.
+pub(crate) struct Decoded {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub stop: StopReason,
+    /// how many of `tokens` went into the KV cache (all but the last)
+    pub fed: usize,
+    pub elapsed: Duration,
+}
+
+/// Stops a generation from another thread (e.g. Ctrl-C in a chat, a client
+/// that went away). Cheap to clone; all clones share one flag.
+#[derive(Clone, Debug, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+    /// Re-arms the token for the next generation.
+    pub fn reset(&self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
 }
 
 /// Turns a token stream into text pieces that never split a UTF-8 character
 /// (byte-level BPE tokens may hold part of one).
+/// Decodes a short window, not the whole answer, so each token costs the same.
 #[derive(Default)]
 pub struct TextDecoder {
     ids: Vec<u32>,
-    emitted: usize,
+    /// start of the window re-decoded for context (byte-level merges look back)
+    prefix: usize,
+    /// ids up to here have been emitted as text
+    read: usize,
 }
 
 impl TextDecoder {
     /// Adds `id`; returns the text it completes (possibly empty).
     pub fn push(&mut self, tok: &MiphaTokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = tok.decode(&self.ids)?;
-        if text.ends_with('\u{fffd}') {
+        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        let after = tok.decode(&self.ids[self.prefix..])?;
+        if after.len() <= before.len() || after.ends_with('\u{fffd}') {
             return Ok(String::new());
         }
-        let piece = text.get(self.emitted..).unwrap_or_default().to_string();
-        self.emitted = text.len();
+        let piece = after.get(before.len()..).unwrap_or_default().to_string();
+        self.prefix = self.read;
+        self.read = self.ids.len();
         Ok(piece)
     }
 }
@@ -441,6 +548,8 @@ pub struct GenerateOptions {
     pub sampling: SamplingParams,
     /// keep going past `<|endoftext|>`
     pub ignore_eos: bool,
+    /// stop (with [`StopReason::Deadline`]) once this instant has passed
+    pub deadline: Option<Instant>,
 }
 
 impl Default for GenerateOptions {
@@ -449,6 +558,7 @@ impl Default for GenerateOptions {
             max_tokens: 256,
             sampling: SamplingParams::default(),
             ignore_eos: false,
+            deadline: None,
         }
     }
 }
@@ -462,6 +572,8 @@ pub enum StopReason {
     ContextFull,
     /// the caller stopped it
     Cancelled,
+    /// the options' deadline passed
+    Deadline,
 }
 
 impl StopReason {
@@ -471,6 +583,7 @@ impl StopReason {
             StopReason::MaxTokens => "max_tokens",
             StopReason::ContextFull => "context_full",
             StopReason::Cancelled => "cancelled",
+            StopReason::Deadline => "deadline",
         }
     }
 }

@@ -5,14 +5,17 @@ pub mod config;
 pub mod engine;
 pub mod phi;
 pub mod sampling;
+pub mod session;
 pub mod siglip;
 pub mod template;
 pub mod tokenizer;
 
 pub use config::{PhiConfig, VisionConfig};
 pub use engine::{
-    Engine, EngineOptions, GenerateOptions, Generation, Logits, StopReason, TextDecoder, Timings,
+    CancelToken, Engine, EngineOptions, GenerateOptions, Generation, Logits, StopReason,
+    TextDecoder, Timings,
 };
 pub use sampling::{Sampler, SamplingParams};
+pub use session::{ImageEmbeds, Reply, Session, TurnStats};
 pub use template::{ChatTemplate, Segment, Turn};
 pub use tokenizer::{MiphaTokenizer, PromptId};

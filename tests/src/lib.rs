@@ -348,6 +348,7 @@ pub fn conformance_engine(mqf: &Path) -> mipha_models::Engine {
         kv_block_size: 4,
         max_sequences: 1,
         verify: true,
+        ..Default::default()
     };
     mipha_models::Engine::load(mqf, opts).expect("load engine")
 }
