@@ -11,7 +11,7 @@ pub fn bar(enabled: bool, total: u64, prefix: &'static str) -> ProgressBar {
     }
     pb.set_style(
         ProgressStyle::with_template(
-            "{prefix:>9} [{bar:32}] {binary_bytes}/{binary_total_bytes} {msg} ({binary_bytes_per_sec}, {eta})",
+            "{prefix:>10} [{wide_bar}] {binary_bytes}/{binary_total_bytes} {msg} {eta}",
         )
         .expect("static template")
         .progress_chars("=> "),
