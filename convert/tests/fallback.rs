@@ -21,7 +21,7 @@ fn out_of_range_tensor_falls_back_to_f32() {
     let out = tmp.path().join("f16.mqf");
     let r = convert_checkpoint(&ConvertOptions::new(&dir, &out, QuantType::F16)).unwrap();
     let line = format!("{name}: f16 -> f32 (max |x| = 1e5 exceeds the f16 range 6.5504e4)");
-    assert_eq!(r.fallbacks, [line.clone()]);
+    assert_eq!(r.fallbacks, std::slice::from_ref(&line));
     let f = MqfFile::open(&out).unwrap();
     f.verify().unwrap();
     assert_eq!(
