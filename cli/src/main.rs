@@ -8,6 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use mipha_models::{Engine, EngineOptions, GenerateOptions, Logits, SamplingParams};
 use mipha_runtime::Input;
 
+mod hub;
+
 #[derive(Parser)]
 #[command(
     name = "mipha-cli",
@@ -25,6 +27,8 @@ enum Command {
     Run(RunArgs),
     /// Write the logits of every prompt position (conformance and debugging).
     Logits(LogitsArgs),
+    /// Download a model from the Hugging Face hub and convert it to a cached .mqf; prints its path.
+    Pull(hub::PullArgs),
 }
 
 #[derive(Args)]
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Logits(a) => logits(a),
+        Command::Pull(a) => hub::pull_command(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
