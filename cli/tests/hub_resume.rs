@@ -77,3 +77,28 @@ fn partial_file_from_a_failed_run_is_resumed_by_the_next() {
     );
     assert_eq!(std::fs::read(blob(&env, &hub, SHARD2)).unwrap(), whole);
 }
+
+#[test]
+fn server_that_ignores_the_range_restarts_and_busy_answers_are_retried() {
+    let hub = HubServer::start(Behaviour {
+        cut: [(SHARD1.to_string(), 1)].into(),
+        ignore_range: true,
+        unavailable: 2,
+        ..Behaviour::default()
+    });
+    let env = TestEnv::new();
+    let mqf = stdout_path(&env.cli(&hub.endpoint, &["pull", REPO, "--quant", "f32"], &[]));
+    check_mqf(&mqf);
+    let gets: Vec<_> = hub
+        .requests()
+        .into_iter()
+        .filter(|r| r.is_get_of(SHARD1))
+        .collect();
+    assert_eq!(gets.len(), 2);
+    assert!(gets[1].header("range").is_some());
+    assert_eq!(
+        std::fs::read(blob(&env, &hub, SHARD1)).unwrap(),
+        hub.file(SHARD1),
+        "a 200 answer to a Range request must replace the partial file, not extend it"
+    );
+}

@@ -104,6 +104,7 @@ impl Target<'_> {
             path: partial.clone(),
             hasher: meta.sha256.as_ref().map(|_| (Sha256::new(), 0)),
             expected: meta.size,
+            counted: 0,
         };
         self.client.retry(&url, || {
             let before = state.len();
@@ -148,6 +149,7 @@ impl Target<'_> {
             have = 0;
         }
         if have > 0 && state.expected == Some(have) {
+            state.recount(total, have);
             return Ok(());
         }
         let (final_url, resp) = self
@@ -195,6 +197,7 @@ impl Target<'_> {
             }
         }
         bar.set_position(have);
+        state.recount(total, have);
         let mut out = state.open_append().map_err(Failure::Fatal)?;
         let mut body = resp.into_body().into_reader();
         let mut buf = vec![0u8; CHUNK];
@@ -218,6 +221,7 @@ impl Target<'_> {
                 *len += n as u64;
             }
             written += n as u64;
+            state.counted = written;
             bar.inc(n as u64);
             total.inc(n as u64);
             // A server that keeps sending past the announced size is wrong, not slow.
@@ -250,11 +254,20 @@ struct Partial {
     /// The hash of the first `.1` bytes of the file; `None` when not checked.
     hasher: Option<(Sha256, u64)>,
     expected: Option<u64>,
+    /// Bytes of this file already counted on the overall progress bar.
+    counted: u64,
 }
 
 impl Partial {
     fn len(&self) -> u64 {
         fs::metadata(&self.path).map_or(0, |m| m.len())
+    }
+
+    /// The overall bar counts what is on disk: bytes kept from an earlier run
+    /// count, bytes thrown away by a restart no longer do.
+    fn recount(&mut self, total: &ProgressBar, have: u64) {
+        total.set_position((total.position() + have).saturating_sub(self.counted));
+        self.counted = have;
     }
 
     fn reset(&mut self) -> Result<()> {

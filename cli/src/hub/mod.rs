@@ -316,7 +316,7 @@ pub fn pull(spec: &str, opts: &HubOptions) -> Result<PathBuf> {
     if !opts.force || opts.offline {
         if let Some(commit) = repo_cache.read_ref(&revision) {
             let out = mqf_for(&commit);
-            if out.is_file() {
+            if out.is_file() && !opts.force {
                 return Ok(out);
             }
             if opts.offline {

@@ -80,6 +80,10 @@ pub struct Behaviour {
     pub api_status: Option<u16>,
     /// Refuse requests outside `/cdn/` without `Authorization: Bearer {token}`.
     pub require_token: Option<String>,
+    /// Answer Range requests with the whole file (200), as some servers do.
+    pub ignore_range: bool,
+    /// Answer this many requests with 503 before behaving.
+    pub unavailable: usize,
 }
 
 struct Shared {
@@ -205,6 +209,7 @@ fn head(out: &mut TcpStream, status: u16, headers: &[(&str, String)]) {
         401 => "Unauthorized",
         404 => "Not Found",
         416 => "Range Not Satisfiable",
+        503 => "Service Unavailable",
         _ => "Other",
     };
     let mut h = format!("HTTP/1.1 {status} {reason}\r\nConnection: close\r\n");
@@ -225,8 +230,16 @@ fn simple(out: &mut TcpStream, status: u16, extra: &[(&str, String)], body: &[u8
 }
 
 fn respond(req: &Req, s: &Shared, out: &mut TcpStream) {
-    let b = s.behaviour.lock().unwrap().clone();
+    let b = {
+        let mut bh = s.behaviour.lock().unwrap();
+        let b = bh.clone();
+        bh.unavailable = bh.unavailable.saturating_sub(1);
+        b
+    };
     let is_head = req.method == "HEAD";
+    if b.unavailable > 0 {
+        return simple(out, 503, &[], b"busy", is_head);
+    }
     let path = req.path.as_str();
     let is_cdn = path.starts_with("/cdn/");
     if let (Some(tok), false) = (&b.require_token, is_cdn) {
@@ -305,7 +318,8 @@ fn respond(req: &Req, s: &Shared, out: &mut TcpStream) {
         .header("range")
         .and_then(|r| r.strip_prefix("bytes="))
         .and_then(|r| r.strip_suffix('-'))
-        .and_then(|n| n.parse::<usize>().ok());
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|_| !b.ignore_range);
     if let Some(n) = range {
         if n >= len {
             return simple(out, 416, &[], b"", is_head);
