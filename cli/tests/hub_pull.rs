@@ -129,6 +129,15 @@ fn other_quants_reuse_the_download_and_offline_converts_from_the_snapshot() {
     ));
     check_mqf(&third);
 
+    // Online but with the hub out of reach, the cached snapshot is used too.
+    let out = env.cli(&closed_endpoint(), &["pull", REPO, "--quant", "f16"], &[]);
+    check_mqf(&stdout_path(&out));
+    assert!(
+        stderr(&out).contains("using the cached snapshot"),
+        "{}",
+        stderr(&out)
+    );
+
     // --force asks the hub again, re-checks the blobs and converts again.
     let before = std::fs::metadata(&first).unwrap().modified().unwrap();
     let forced = stdout_path(&env.cli(

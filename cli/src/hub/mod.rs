@@ -313,28 +313,30 @@ pub fn pull(spec: &str, opts: &HubOptions) -> Result<PathBuf> {
             .join(format!("{commit}-{}.mqf", quant_suffix(opts)))
     };
 
-    if !opts.force || opts.offline {
-        if let Some(commit) = repo_cache.read_ref(&revision) {
-            let out = mqf_for(&commit);
-            if out.is_file() && !opts.force {
-                return Ok(out);
-            }
-            if opts.offline {
-                let snap = repo_cache.snapshot(&commit);
-                if snap.join("config.json").is_file() {
-                    let hint = format!(
-                        " (the cached snapshot may be incomplete: pull {repo} again without HF_HUB_OFFLINE)"
-                    );
-                    convert(&snap, &out, opts, &hint)?;
-                    return Ok(out);
-                }
-            }
+    let cached = repo_cache.read_ref(&revision);
+    // Converts the snapshot the ref points at, when there is one to convert.
+    let from_snapshot = || -> Option<Result<PathBuf>> {
+        let commit = cached.as_deref()?;
+        let snap = repo_cache.snapshot(commit);
+        if !snap.join("config.json").is_file() {
+            return None;
+        }
+        let out = mqf_for(commit);
+        let hint = format!(" (the cached snapshot may be incomplete: pull {repo} again online)");
+        Some(convert(&snap, &out, opts, &hint).map(|()| out))
+    };
+    if let Some(commit) = &cached {
+        let out = mqf_for(commit);
+        if out.is_file() && !opts.force {
+            return Ok(out);
         }
     }
     if opts.offline {
-        return Err(HubError::Offline {
-            what: format!("{repo}@{revision}"),
-            detail: format!("nothing under {}", repo_cache.root.display()),
+        return from_snapshot().unwrap_or_else(|| {
+            Err(HubError::Offline {
+                what: format!("{repo}@{revision}"),
+                detail: format!("nothing under {}", repo_cache.root.display()),
+            })
         });
     }
 
@@ -344,7 +346,20 @@ pub fn pull(spec: &str, opts: &HubOptions) -> Result<PathBuf> {
         client.endpoint,
         http::encode_segment(&revision)
     );
-    let (resp, body) = client.get_json(&api)?;
+    let (resp, body) = match client.get_json(&api) {
+        Ok(r) => r,
+        // Like huggingface_hub: without the hub, what the cache holds will do.
+        Err(HubError::Unreachable { origin, detail }) => match from_snapshot() {
+            Some(r) => {
+                eprintln!(
+                    "warning: could not reach {origin} ({detail}); using the cached snapshot of {repo}@{revision}"
+                );
+                return r;
+            }
+            None => return Err(HubError::Unreachable { origin, detail }),
+        },
+        Err(e) => return Err(e),
+    };
     if !resp.status().is_success() {
         return Err(status_error(
             &resp,
