@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod image;
 pub mod phi;
 pub mod sampling;
 pub mod session;
