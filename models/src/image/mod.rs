@@ -249,13 +249,10 @@ impl RgbImage {
     pub fn expand_to_square(&self, pad: [u8; 3]) -> RgbImage {
         let sq = resize::PaddedSquare::new(self, pad);
         let side = resize::RowSource::width(&sq);
-        let mut row = vec![0u8; side * 4];
+        let mut scratch = Vec::new();
         let mut data = Vec::with_capacity(side * side * 3);
         for y in 0..side {
-            resize::RowSource::fill_row(&sq, y, &mut row);
-            for p in row.chunks_exact(4) {
-                data.extend_from_slice(&p[..3]);
-            }
+            data.extend_from_slice(&resize::RowSource::row(&sq, y, &mut scratch)[..side * 3]);
         }
         RgbImage {
             width: side as u32,

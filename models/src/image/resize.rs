@@ -192,8 +192,10 @@ impl Coeffs {
 pub(crate) trait RowSource {
     fn width(&self) -> usize;
     fn height(&self) -> usize;
-    /// Writes row `y` as RGBX (4 bytes per pixel, X unused) into `out` (`width * 4`).
-    fn fill_row(&self, y: usize, out: &mut [u8]);
+    /// Row `y` as RGB bytes followed by at least one more byte of any value, so
+    /// the filters can load each pixel as 4 bytes. Borrowed from the image where
+    /// possible, otherwise built in `scratch`.
+    fn row<'s>(&'s self, y: usize, scratch: &'s mut Vec<u8>) -> &'s [u8];
     /// Rows for which this returns true are all identical (a constant pad colour),
     /// so their horizontal pass is computed once.
     fn is_uniform_row(&self, _y: usize) -> bool {
@@ -208,11 +210,18 @@ impl RowSource for RgbImage {
     fn height(&self) -> usize {
         self.height() as usize
     }
-    fn fill_row(&self, y: usize, out: &mut [u8]) {
-        let w = RowSource::width(self);
-        let src = &self.as_raw()[y * w * 3..][..w * 3];
-        for (o, s) in out.chunks_exact_mut(4).zip(src.chunks_exact(3)) {
-            o[..3].copy_from_slice(s);
+    fn row<'s>(&'s self, y: usize, scratch: &'s mut Vec<u8>) -> &'s [u8] {
+        let n = self.width() as usize * 3;
+        let data = self.as_raw();
+        // The next row's first byte serves as the slack byte, except after the last row.
+        match data.get(y * n..y * n + n + 1) {
+            Some(r) => r,
+            None => {
+                scratch.clear();
+                scratch.extend_from_slice(&data[y * n..y * n + n]);
+                scratch.push(0);
+                scratch
+            }
         }
     }
 }
@@ -253,53 +262,114 @@ impl RowSource for PaddedSquare<'_> {
     fn height(&self) -> usize {
         self.side
     }
-    fn fill_row(&self, y: usize, out: &mut [u8]) {
+    fn row<'s>(&'s self, y: usize, scratch: &'s mut Vec<u8>) -> &'s [u8] {
         let w = self.image.width() as usize;
-        let h = self.image.height() as usize;
-        let pad = [self.pad[0], self.pad[1], self.pad[2], 0];
-        if y < self.oy || y >= self.oy + h {
-            out.chunks_exact_mut(4)
-                .for_each(|o| o.copy_from_slice(&pad));
-            return;
+        let in_image = y >= self.oy && y < self.oy + self.image.height() as usize;
+        if in_image && self.ox == 0 && w == self.side {
+            return self.image.row(y - self.oy, scratch);
         }
-        let src = &self.image.as_raw()[(y - self.oy) * w * 3..][..w * 3];
-        let (left, rest) = out.split_at_mut(self.ox * 4);
-        let (mid, right) = rest.split_at_mut(w * 4);
-        left.chunks_exact_mut(4)
-            .for_each(|o| o.copy_from_slice(&pad));
-        right
-            .chunks_exact_mut(4)
-            .for_each(|o| o.copy_from_slice(&pad));
-        for (o, s) in mid.chunks_exact_mut(4).zip(src.chunks_exact(3)) {
-            o[..3].copy_from_slice(s);
+        scratch.clear();
+        let pad = |scratch: &mut Vec<u8>, n: usize| {
+            for _ in 0..n {
+                scratch.extend_from_slice(&self.pad);
+            }
+        };
+        if in_image {
+            let n = w * 3;
+            pad(scratch, self.ox);
+            let r = y - self.oy;
+            scratch.extend_from_slice(&self.image.as_raw()[r * n..r * n + n]);
+            pad(scratch, self.side - self.ox - w);
+        } else {
+            pad(scratch, self.side);
         }
+        scratch.push(0);
+        scratch
     }
     fn is_uniform_row(&self, y: usize) -> bool {
         y < self.oy || y >= self.oy + self.image.height() as usize
     }
 }
 
-/// One output row of the horizontal pass: `src` is RGBX, `out` RGB.
-fn horizontal_row(src: &[u8], coeffs: &Coeffs, out: &mut [u8]) {
-    for (xx, o) in out.chunks_exact_mut(3).enumerate() {
+/// `R` rows of the horizontal pass at once (they share the coefficients, so one
+/// vector multiply serves several rows). `srcs` are RGB + slack, `outs` RGB.
+#[inline(always)]
+fn horizontal_rows<const R: usize>(srcs: [&[u8]; R], coeffs: &Coeffs, outs: [&mut [u8]; R]) {
+    let out_w = coeffs.start.len();
+    for xx in 0..out_w {
         let (xmin, k) = coeffs.taps(xx);
-        let px = &src[xmin * 4..][..k.len() * 4];
-        // Four lanes (RGBX) so the accumulation maps onto one SIMD register.
-        let mut acc = [HALF; 4];
-        for (p, &w) in px.chunks_exact(4).zip(k) {
-            for c in 0..4 {
-                acc[c] = acc[c].wrapping_add(i32::from(p[c]).wrapping_mul(w));
+        let mut acc = [[HALF; 4]; R];
+        for r in 0..R {
+            // 4-byte windows at a 3-byte stride: RGB plus one ignored byte.
+            let px = &srcs[r][xmin * 3..xmin * 3 + k.len() * 3 + 1];
+            for (q, &w) in px.windows(4).step_by(3).zip(k) {
+                let q: [u8; 4] = q.try_into().unwrap_or_default();
+                for c in 0..4 {
+                    acc[r][c] = acc[r][c].wrapping_add(i32::from(q[c]).wrapping_mul(w));
+                }
             }
         }
-        o[0] = clip8(acc[0]);
-        o[1] = clip8(acc[1]);
-        o[2] = clip8(acc[2]);
+        for r in 0..R {
+            let o = &mut outs[r][xx * 3..xx * 3 + 3];
+            o[0] = clip8(acc[r][0]);
+            o[1] = clip8(acc[r][1]);
+            o[2] = clip8(acc[r][2]);
+        }
+    }
+}
+
+/// One output row of the vertical pass: `rows[t]` is input row `start + t` of the
+/// taps; bytes are filtered independently, whatever the pixel layout.
+#[inline(always)]
+fn vertical_row(k: &[i32], rows: &[&[u8]], acc: &mut [i32], out: &mut [u8]) {
+    acc.fill(HALF);
+    for (&w, row) in k.iter().zip(rows) {
+        for (a, &p) in acc.iter_mut().zip(row.iter()) {
+            *a = a.wrapping_add(i32::from(p).wrapping_mul(w));
+        }
+    }
+    for (o, &a) in out.iter_mut().zip(acc.iter()) {
+        *o = clip8(a);
     }
 }
 
 /// Resizes `src` to `out_w` x `out_h` exactly as Pillow's `Image.resize` does for
 /// an RGB image (no `box`, no `reducing_gap`).
+///
+/// Pass order follows Pillow 13 (python-pillow/Pillow#9549): vertical first when
+/// the height shrinks by more than twice as many pixels as the width does,
+/// otherwise horizontal first (the only order of Pillow <= 12). The two orders
+/// round differently in between, so this matters for exactness; square to square,
+/// the preprocessing case, is horizontal first in every version.
 pub(crate) fn resample<S: RowSource + ?Sized>(
+    src: &S,
+    out_w: usize,
+    out_h: usize,
+    filter: Resample,
+) -> Vec<u8> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { resample_avx2(src, out_w, out_h, filter) };
+    }
+    resample_body(src, out_w, out_h, filter)
+}
+
+/// The same code compiled with AVX2, whose 32-bit vector multiply the baseline
+/// x86-64 target (SSE2) lacks; integer results are identical by construction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn resample_avx2<S: RowSource + ?Sized>(
+    src: &S,
+    out_w: usize,
+    out_h: usize,
+    filter: Resample,
+) -> Vec<u8> {
+    resample_body(src, out_w, out_h, filter)
+}
+
+#[inline(always)]
+fn resample_body<S: RowSource + ?Sized>(
     src: &S,
     out_w: usize,
     out_h: usize,
@@ -311,63 +381,123 @@ pub(crate) fn resample<S: RowSource + ?Sized>(
     }
     let need_h = out_w != in_w;
     let need_v = out_h != in_h;
-
-    let vert = Coeffs::new(in_h, out_h, filter);
-    // Only the source rows some output row reads go through the horizontal pass.
-    let (first, last) = if need_v {
-        let last = vert.start[out_h - 1] + vert.len[out_h - 1];
-        (vert.start[0], last.max(vert.start[0]))
+    let shrink_w = in_w as i64 - out_w as i64;
+    let shrink_h = in_h as i64 - out_h as i64;
+    if need_h && need_v && shrink_h > 0 && shrink_h > 2 * shrink_w {
+        vertical_first(src, out_w, out_h, filter)
     } else {
-        (0, in_h)
+        horizontal_first(src, out_w, out_h, need_h, need_v, filter)
+    }
+}
+
+#[inline(always)]
+fn horizontal_first<S: RowSource + ?Sized>(
+    src: &S,
+    out_w: usize,
+    out_h: usize,
+    need_h: bool,
+    need_v: bool,
+    filter: Resample,
+) -> Vec<u8> {
+    let (in_w, in_h) = (src.width(), src.height());
+    let vert = need_v.then(|| Coeffs::new(in_h, out_h, filter));
+    // Only the source rows some output row reads go through the horizontal pass.
+    let (first, last) = match &vert {
+        Some(v) => {
+            let last = v.start[out_h - 1] + v.len[out_h - 1];
+            (v.start[0], last.max(v.start[0]))
+        }
+        None => (0, in_h),
     };
 
-    // Horizontal pass (or a plain copy when the width is unchanged) into RGB rows.
-    let tmp_w = out_w;
-    let mut tmp = vec![0u8; (last - first) * tmp_w * 3];
-    let mut row = vec![0u8; in_w * 4];
-    let horiz = need_h.then(|| Coeffs::new(in_w, out_w, filter));
-    let mut uniform: Option<Vec<u8>> = None;
-    for (y, out) in (first..last).zip(tmp.chunks_exact_mut(tmp_w * 3)) {
-        let is_uniform = src.is_uniform_row(y);
-        if is_uniform {
-            if let Some(done) = &uniform {
-                out.copy_from_slice(done);
-                continue;
+    // Horizontal pass (a plain copy when the width is unchanged) into RGB rows.
+    let stride = out_w * 3;
+    let mut tmp = vec![0u8; (last - first) * stride];
+    let (mut s0, mut s1) = (Vec::new(), Vec::new());
+    match need_h.then(|| Coeffs::new(in_w, out_w, filter)) {
+        None => {
+            for (y, out) in (first..last).zip(tmp.chunks_exact_mut(stride)) {
+                out.copy_from_slice(&src.row(y, &mut s0)[..stride]);
             }
         }
-        src.fill_row(y, &mut row);
-        match &horiz {
-            Some(c) => horizontal_row(&row, c, out),
-            None => {
-                for (o, p) in out.chunks_exact_mut(3).zip(row.chunks_exact(4)) {
-                    o.copy_from_slice(&p[..3]);
+        Some(horiz) => {
+            let mut uniform: Option<usize> = None;
+            let mut pending: Option<(usize, &mut [u8])> = None;
+            let mut copies = Vec::new();
+            for (y, out) in (first..last).zip(tmp.chunks_exact_mut(stride)) {
+                if src.is_uniform_row(y) {
+                    if uniform.is_some() {
+                        copies.push(y);
+                        continue;
+                    }
+                    uniform = Some(y);
+                }
+                match pending.take() {
+                    None => pending = Some((y, out)),
+                    Some((y0, out0)) => {
+                        let a = src.row(y0, &mut s0);
+                        let b = src.row(y, &mut s1);
+                        horizontal_rows([a, b], &horiz, [out0, out]);
+                    }
+                }
+            }
+            if let Some((y0, out0)) = pending {
+                horizontal_rows([src.row(y0, &mut s0)], &horiz, [out0]);
+            }
+            // Later uniform rows copy the first one's result.
+            if let Some(u) = uniform {
+                let from = (u - first) * stride;
+                let value = tmp[from..from + stride].to_vec();
+                for y in copies {
+                    let to = (y - first) * stride;
+                    tmp[to..to + stride].copy_from_slice(&value);
                 }
             }
         }
-        if is_uniform {
-            uniform = Some(out.to_vec());
-        }
     }
-    if !need_v {
+    let Some(vert) = vert else {
         return tmp;
-    }
+    };
 
-    // Vertical pass: whole rows at once so the inner loop runs over contiguous bytes.
-    let stride = tmp_w * 3;
-    let mut dst = vec![0u8; out_w * out_h * 3];
+    let mut dst = vec![0u8; stride * out_h];
     let mut acc = vec![0i32; stride];
+    let mut rows: Vec<&[u8]> = Vec::with_capacity(vert.ksize);
     for (yy, out) in dst.chunks_exact_mut(stride).enumerate() {
         let (ymin, k) = vert.taps(yy);
-        acc.fill(HALF);
-        for (t, &w) in k.iter().enumerate() {
-            let r = &tmp[(ymin + t - first) * stride..][..stride];
-            for (a, &p) in acc.iter_mut().zip(r) {
-                *a = a.wrapping_add(i32::from(p).wrapping_mul(w));
-            }
-        }
-        for (o, &a) in out.iter_mut().zip(&acc) {
-            *o = clip8(a);
-        }
+        rows.clear();
+        rows.extend((0..k.len()).map(|t| &tmp[(ymin - first + t) * stride..][..stride]));
+        vertical_row(k, &rows, &mut acc, out);
+    }
+    dst
+}
+
+/// Only reached when both passes are needed and the height shrinks.
+#[inline(always)]
+fn vertical_first<S: RowSource + ?Sized>(
+    src: &S,
+    out_w: usize,
+    out_h: usize,
+    filter: Resample,
+) -> Vec<u8> {
+    let (in_w, in_h) = (src.width(), src.height());
+    let vert = Coeffs::new(in_h, out_h, filter);
+    let horiz = Coeffs::new(in_w, out_w, filter);
+    let n = in_w * 3;
+    let mut scratch: Vec<Vec<u8>> = vec![Vec::new(); vert.ksize];
+    // RGB plus the slack byte the horizontal pass reads past the last pixel.
+    let mut mid = vec![0u8; n + 1];
+    let mut acc = vec![0i32; n];
+    let mut dst = vec![0u8; out_w * 3 * out_h];
+    for (yy, out) in dst.chunks_exact_mut(out_w * 3).enumerate() {
+        let (ymin, k) = vert.taps(yy);
+        let rows: Vec<&[u8]> = scratch
+            .iter_mut()
+            .take(k.len())
+            .enumerate()
+            .map(|(t, s)| &src.row(ymin + t, s)[..n])
+            .collect();
+        vertical_row(k, &rows, &mut acc, &mut mid[..n]);
+        horizontal_rows([&mid[..]], &horiz, [out]);
     }
     dst
 }
