@@ -151,17 +151,39 @@ pub fn decode_bytes(
         });
     }
     let format = detect_format(bytes, &input)?;
+    if format == ImageFormat::WebP {
+        webp_check_complete(bytes).map_err(|detail| ImageError::Truncated {
+            input: input.clone(),
+            format,
+            detail,
+        })?;
+    }
     let ctx = Ctx {
         input: &input,
         format,
     };
 
-    let mut crate_limits = ::image::Limits::default();
-    crate_limits.max_image_width = Some(limits.max_width);
-    crate_limits.max_image_height = Some(limits.max_height);
+    // Dimensions are checked below, right after the header is read and before any
+    // pixel buffer exists, so the error can quote them; the crate only gets the
+    // allocation cap (which the PNG decoder also applies to its metadata chunks).
+    let mut crate_limits = ::image::Limits::no_limits();
     crate_limits.max_alloc = Some(limits.max_decoded_bytes);
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format.to_crate());
     reader.limits(crate_limits);
+
+    // Where the header sits at a fixed place, judge the size before any decoder
+    // runs (the BMP decoder, for one, has its own cap with a vaguer message).
+    if let Some((width, height)) = peek_dimensions(bytes, format) {
+        if width == 0 || height == 0 {
+            return Err(ImageError::Empty {
+                input,
+                format,
+                width,
+                height,
+            });
+        }
+        ctx.check_size(width, height, limits)?;
+    }
 
     // Decoders can have bugs; a hostile file must not take the process down.
     let guarded = catch_unwind(AssertUnwindSafe(|| -> Result<_, ImageError> {
@@ -346,7 +368,7 @@ impl Ctx<'_> {
                 detail: format!("unsupported feature: {u}"),
             },
             other => {
-                let detail = other.to_string();
+                let detail = other.to_string().trim().to_string();
                 if looks_truncated(&detail) {
                     ImageError::Truncated {
                         input,
@@ -373,7 +395,9 @@ fn looks_truncated(msg: &str) -> bool {
         "end of file",
         "unexpected end",
         "truncated",
-        "not enough data",
+        "not enough",
+        "premature",
+        "failed to fill whole buffer",
     ]
     .iter()
     .any(|w| m.contains(w))
@@ -423,6 +447,51 @@ fn detect_format(bytes: &[u8], input: &Path) -> Result<ImageFormat, ImageError> 
             })
         }
     }
+}
+
+/// Width and height from a fixed-position header (PNG IHDR, GIF logical screen,
+/// BMP info header); `None` where the header is elsewhere or malformed, in which
+/// case the decoder's own header parse is checked instead.
+fn peek_dimensions(b: &[u8], format: ImageFormat) -> Option<(u32, u32)> {
+    let be = |i: usize| {
+        b.get(i..i + 4)
+            .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+    };
+    let le16 = |i: usize| {
+        b.get(i..i + 2)
+            .map(|s| u32::from(u16::from_le_bytes([s[0], s[1]])))
+    };
+    let le32 = |i: usize| {
+        b.get(i..i + 4)
+            .map(|s| i32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    };
+    match format {
+        ImageFormat::Png if b.get(12..16) == Some(b"IHDR") => Some((be(16)?, be(20)?)),
+        ImageFormat::Gif => Some((le16(6)?, le16(8)?)),
+        ImageFormat::Bmp => match le32(14)? {
+            12 => Some((le16(18)?, le16(20)?)),
+            // Negative height marks a top-down bitmap.
+            n if n >= 40 => Some((le32(18)?.unsigned_abs(), le32(22)?.unsigned_abs())),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The RIFF header states the file length; libwebp (PIL) refuses a shorter file,
+/// while the Rust decoder accepts some cut-off files.
+fn webp_check_complete(b: &[u8]) -> Result<(), String> {
+    let Some(size) = b.get(4..8) else {
+        return Err(format!("only {} bytes", b.len()));
+    };
+    let want = u64::from(u32::from_le_bytes([size[0], size[1], size[2], size[3]])) + 8;
+    if (b.len() as u64) < want {
+        return Err(format!(
+            "the RIFF header declares {want} bytes, the data has {}",
+            b.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Walks the JPEG marker structure up to EOI. The decoder fills a cut-off scan with
