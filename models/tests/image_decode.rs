@@ -308,3 +308,17 @@ fn webp_exif_orientation_is_applied() {
     assert_eq!((d.image.width(), d.image.height()), (20, 40));
     assert_eq!(d.image.pixel(0, 0), [255, 0, 0]);
 }
+
+/// A transparent GIF pixel keeps its palette colour, as in PIL (`P` -> `RGB`).
+#[test]
+fn transparent_gif_pixels_keep_their_palette_colour() {
+    let mut gif = b"GIF89a".to_vec();
+    gif.extend_from_slice(&[2, 0, 1, 0, 0x80, 0, 0]); // 2x1 screen, 2-colour table
+    gif.extend_from_slice(&[10, 20, 30, 200, 100, 50]);
+    gif.extend_from_slice(&[0x21, 0xF9, 4, 1, 0, 0, 1, 0]); // index 1 is transparent
+    gif.extend_from_slice(&[0x2C, 0, 0, 0, 0, 2, 0, 1, 0, 0]); // 2x1 frame
+    gif.extend_from_slice(&[2, 2, 0x44, 0x0A, 0]); // LZW: clear, 0, 1, end
+    gif.push(0x3B);
+    let d = decode(&gif);
+    assert_eq!(d.image.as_raw(), &[10, 20, 30, 200, 100, 50]);
+}

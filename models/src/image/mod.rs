@@ -7,6 +7,17 @@
 //! ```
 //!
 //! Every parameter comes from the model file's `image.*` metadata ([`ImageConfig`]).
+//!
+//! Where the result can differ from the reference (`PIL.Image.open(f).convert('RGB')`
+//! + transformers' PIL path), on purpose or not:
+//! * resize, rescale, normalise: bit-exact (the goldens match with difference 0);
+//! * JPEG: decoded by zune-jpeg, not libjpeg-turbo, so pixels can differ by a few
+//!   levels (measured: up to 4/255 with 4:2:0 chroma, mean 0.001 after normalising);
+//!   PNG, GIF, BMP and lossless WebP decode exactly;
+//! * EXIF orientation is applied (the reference ignores it), see [`DecodeOptions`];
+//! * 16-bit grey keeps the high byte where PIL clips to white;
+//! * a GIF whose first frame does not cover the whole screen is black outside it
+//!   (PIL fills with the transparent/background palette colour).
 
 mod decode;
 mod resize;

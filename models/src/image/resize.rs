@@ -521,6 +521,40 @@ mod tests {
         }
     }
 
+    /// `resample` may dispatch to the AVX2 build; the plain build must agree.
+    #[test]
+    fn portable_path_matches_dispatched_path() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for (w, h, ow, oh) in [
+            (37, 23, 11, 9),
+            (9, 40, 30, 5),
+            (5, 7, 16, 13),
+            (64, 3, 64, 9),
+        ] {
+            let data = (0..w * h * 3).map(|_| (next() >> 40) as u8).collect();
+            let img = RgbImage::new(w, h, data).unwrap();
+            for filter in [Resample::Bicubic, Resample::Lanczos, Resample::Box] {
+                let (ow, oh) = (ow as usize, oh as usize);
+                assert_eq!(
+                    resample(&img, ow, oh, filter),
+                    resample_body(&img, ow, oh, filter),
+                    "{w}x{h} -> {ow}x{oh} {filter:?}"
+                );
+                let sq = PaddedSquare::new(&img, [127, 0, 255]);
+                assert_eq!(
+                    resample(&sq, ow, oh, filter),
+                    resample_body(&sq, ow, oh, filter)
+                );
+            }
+        }
+    }
+
     #[test]
     fn same_size_is_identity() {
         let img = RgbImage::new(3, 2, (0..18).collect()).unwrap();
