@@ -5,10 +5,16 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use mipha_models::{Engine, EngineOptions, GenerateOptions, Logits, SamplingParams};
-use mipha_runtime::Input;
 
+mod chat;
 mod hub;
+use std::sync::Arc;
+
+use mipha_models::{
+    Engine, EngineOptions, GenerateOptions, Logits, PromptId, SamplingParams, Segment, Session,
+    StopReason, Turn, TurnStats,
+};
+use mipha_runtime::Input;
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +31,8 @@ struct Cli {
 enum Command {
     /// One-shot generation: template the prompt, generate, print.
     Run(RunArgs),
+    /// Interactive chat in the terminal, with pictures.
+    Chat(ChatArgs),
     /// Write the logits of every prompt position (conformance and debugging).
     Logits(LogitsArgs),
     /// Download a model from the Hugging Face hub and convert it to a cached .mqf; prints its path.
@@ -33,9 +41,11 @@ enum Command {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// The `.mqf` model file.
+    /// A `.mqf` file, a Hugging Face checkpoint folder (converted once into the
+    /// cache), or a hub repository such as `zhumj34/Mipha-3B` (pulled and
+    /// converted on first use: Q4_0 language model, Q8_0 vision tower).
     #[arg(long, short)]
-    model: PathBuf,
+    model: String,
     /// CPU threads (default: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -48,6 +58,19 @@ struct RunArgs {
     /// The user's message (wrapped in the model's chat template).
     #[arg(long, short)]
     prompt: String,
+    /// Pictures to ask about (repeatable; each becomes an image placeholder).
+    #[arg(long = "image", value_name = "PATH")]
+    images: Vec<PathBuf>,
+    #[command(flatten)]
+    gen: GenArgs,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Generation settings shared by `run` and `chat`.
+#[derive(Args, Clone)]
+struct GenArgs {
     #[arg(long, short = 'n', default_value_t = 256)]
     max_tokens: usize,
     /// 0 = greedy decoding (the default, as the authors evaluate).
@@ -74,9 +97,45 @@ struct RunArgs {
     /// Keep generating past `<|endoftext|>`.
     #[arg(long)]
     ignore_eos: bool,
-    /// Print one JSON object instead of streaming text.
-    #[arg(long)]
-    json: bool,
+}
+
+impl GenArgs {
+    fn options(&self) -> Result<(GenerateOptions, u64), String> {
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        });
+        let sampling = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed,
+        };
+        sampling.validate()?;
+        let opts = GenerateOptions {
+            max_tokens: self.max_tokens,
+            sampling,
+            ignore_eos: self.ignore_eos,
+            deadline: None,
+        };
+        Ok((opts, seed))
+    }
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A picture for the first question (repeatable).
+    #[arg(long = "image", value_name = "PATH")]
+    images: Vec<PathBuf>,
+    #[command(flatten)]
+    gen: GenArgs,
 }
 
 #[derive(Args)]
@@ -85,10 +144,15 @@ struct LogitsArgs {
     model: ModelArgs,
     #[arg(long, short)]
     prompt: String,
-    /// Tokenize the prompt as is, without the chat template.
+    /// Tokenize the prompt as is, without the chat template (with images, mark
+    /// where each goes with `<image>`).
     #[arg(long)]
     raw: bool,
-    /// Output `.safetensors` with `input_ids` (i64 [T]) and `logits` (f32 [T, vocab]).
+    /// Pictures (repeatable), spliced in at their placeholders.
+    #[arg(long = "image", value_name = "PATH")]
+    images: Vec<PathBuf>,
+    /// Output `.safetensors` with `input_ids` (i64 [n], -200 at each image) and
+    /// `logits` (f32 [T, vocab], every position of the expanded sequence).
     #[arg(long, short)]
     out: PathBuf,
 }
@@ -97,6 +161,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(a),
+        Command::Chat(a) => chat_cmd(a),
         Command::Logits(a) => logits(a),
         Command::Pull(a) => hub::pull_command(a),
     };
@@ -118,35 +183,21 @@ fn load(m: &ModelArgs, max_outputs: usize, max_batch_tokens: usize) -> Result<En
         max_batch_tokens,
         ..EngineOptions::default()
     };
-    Engine::load(&m.model, opts).map_err(|e| e.to_string())
+    let path = hub::HubOptions::from_env()
+        .and_then(|o| hub::resolve_model(&m.model, &o))
+        .map_err(|e| e.to_string())?;
+    Engine::load(&path, opts).map_err(|e| e.to_string())
 }
 
 fn run(a: RunArgs) -> CliResult {
-    let seed = a.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
-    });
-    let sampling = SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        min_p: a.min_p,
-        repeat_penalty: a.repeat_penalty,
-        repeat_last_n: a.repeat_last_n,
-        seed,
-    };
-    sampling.validate()?;
-    let engine = load(&a.model, 1, 512)?;
-    let prompt = engine.chat_prompt(&a.prompt)?;
-    let opts = GenerateOptions {
-        max_tokens: a.max_tokens,
-        sampling,
-        ignore_eos: a.ignore_eos,
-    };
+    let (opts, seed) = a.gen.options()?;
+    let engine = Arc::new(load(&a.model, 1, 512)?);
+    let mut session = Session::new(engine.clone());
+    for path in &a.images {
+        session.attach_image(path)?;
+    }
     let stdout = std::io::stdout();
-    let gen = engine.generate(&prompt, &opts, |_, piece| {
+    let reply = session.ask(&a.prompt, &opts, None, |_, piece| {
         if !a.json {
             let mut out = stdout.lock();
             // A closed pipe (e.g. `| head`) ends the generation quietly.
@@ -157,89 +208,178 @@ fn run(a: RunArgs) -> CliResult {
         }
         true
     })?;
-    let t = &gen.timings;
-    let per_s = |n: usize, d: std::time::Duration| {
-        if d.is_zero() {
-            0.0
-        } else {
-            n as f64 / d.as_secs_f64()
-        }
-    };
+    let st = &reply.stats;
     if a.json {
+        let prompt_ids = engine.tokenizer().to_raw_ids(&reply.prompt);
         let obj = serde_json::json!({
-            "prompt_tokens": gen.prompt_tokens.len(),
-            "prompt_ids": gen.prompt_tokens,
-            "tokens": gen.tokens,
-            "text": gen.text,
-            "stop_reason": gen.stop_reason.as_str(),
+            "prompt_tokens": prompt_ids.len(),
+            "prompt_ids": prompt_ids,
+            "tokens": reply.tokens,
+            "text": reply.text,
+            "stop_reason": reply.stop_reason.as_str(),
             "seed": seed,
             "timings": {
-                "load_ms": engine.load_time().as_secs_f64() * 1e3,
-                "prefill_ms": t.prefill.as_secs_f64() * 1e3,
-                "prefill_tokens": t.prefill_tokens,
-                "prefill_tok_s": per_s(t.prefill_tokens, t.prefill),
-                "decode_ms": t.decode.as_secs_f64() * 1e3,
-                "decode_tokens": gen.tokens.len(),
-                "decode_tok_s": per_s(gen.tokens.len().saturating_sub(1), t.decode),
+                "load_ms": ms(engine.load_time()),
+                "image_preprocess_ms": ms(st.image_preprocess),
+                "image_encode_ms": ms(st.image_encode),
+                "images": a.images.len(),
+                "prefill_ms": ms(st.prefill),
+                "prefill_positions": st.prefill_positions,
+                "prefill_tok_s": st.prefill_tok_s(),
+                "ttft_ms": ms(st.time_to_first_token),
+                "decode_ms": ms(st.decode),
+                "decode_tokens": st.decode_tokens,
+                "decode_tok_s": st.decode_tok_s(),
             },
             "backend": engine.backend_name(),
         });
         println!("{obj}");
     } else {
         println!();
-        eprintln!(
-            "[{} prompt tokens, prefill {:.1} tok/s; {} tokens, decode {:.1} tok/s; stop: {}]",
-            t.prefill_tokens,
-            per_s(t.prefill_tokens, t.prefill),
-            gen.tokens.len(),
-            per_s(gen.tokens.len().saturating_sub(1), t.decode),
-            gen.stop_reason.as_str()
-        );
+        eprintln!("[{}]", stats_line(st, reply.stop_reason));
     }
     Ok(())
 }
 
+fn chat_cmd(a: ChatArgs) -> CliResult {
+    let (gen, _) = a.gen.options()?;
+    let engine = Arc::new(load(&a.model, 1, 512)?);
+    chat::chat(
+        engine,
+        chat::ChatOptions {
+            images: a.images,
+            gen,
+        },
+    )
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// One line of per-stage figures, for `run` and `/stats`.
+fn stats_line(st: &TurnStats, stop: StopReason) -> String {
+    let mut parts = Vec::new();
+    if st.images_encoded + st.images_cached > 0 {
+        parts.push(format!(
+            "{} image(s): preprocess {:.0} ms, encode {:.0} ms ({} cached)",
+            st.images_encoded + st.images_cached,
+            ms(st.image_preprocess),
+            ms(st.image_encode),
+            st.images_cached
+        ));
+    }
+    parts.push(format!(
+        "prefill {} positions in {:.0} ms ({:.1} tok/s, {} reused)",
+        st.prefill_positions,
+        ms(st.prefill),
+        st.prefill_tok_s(),
+        st.reused_positions
+    ));
+    parts.push(format!("first token {:.0} ms", ms(st.time_to_first_token)));
+    parts.push(format!(
+        "{} tokens at {:.1} tok/s; stop: {}",
+        st.decode_tokens,
+        st.decode_tok_s(),
+        stop.as_str()
+    ));
+    parts.join("; ")
+}
+
 fn logits(a: LogitsArgs) -> CliResult {
     let engine = load(&a.model, 64, 64)?;
-    let ids = if a.raw {
-        engine.tokenizer().encode(&a.prompt)?
+    let segments = if a.raw {
+        raw_segments(
+            &a.prompt,
+            a.images.len(),
+            &engine.template().image_placeholder,
+        )?
     } else {
-        engine.chat_prompt(&a.prompt)?
+        engine.template().render(&[Turn {
+            user: a.prompt.clone(),
+            images: a.images.len(),
+            assistant: None,
+        }])
     };
-    if ids.is_empty() {
+    let prompt = engine.tokenizer().encode_segments(&segments)?;
+    if prompt.is_empty() {
         return Err("the prompt tokenizes to nothing".into());
     }
+    let mut embeds = Vec::new();
+    for path in &a.images {
+        let cfg = engine
+            .image_config()
+            .ok_or("this model file has no vision tower")?;
+        let img = mipha_models::image::load_image(path, cfg)?;
+        embeds.push(engine.encode_image_cached(&img.pixels, img.hash)?.0);
+    }
+    let hidden = engine.config().hidden_size;
+    let mut inputs = Vec::new();
+    for id in &prompt {
+        match id {
+            PromptId::Token(t) => inputs.push(Input::Token(*t)),
+            PromptId::Image(i) => {
+                inputs.extend(embeds[*i].chunks_exact(hidden).map(Input::Embedding))
+            }
+        }
+    }
     let seq = engine.new_sequence();
-    let inputs: Vec<Input> = ids.iter().map(|&t| Input::Token(t)).collect();
     let mut logits = Vec::new();
-    engine.forward(seq, &inputs, Logits::All, &mut logits, None)?;
+    let result = engine.forward(seq, &inputs, Logits::All, &mut logits, None);
     engine.release_sequence(seq)?;
+    result?;
+    let ids64 = engine.tokenizer().to_raw_ids(&prompt);
+    let positions = inputs.len();
     let vocab = engine.config().vocab_size;
-    let ids64: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
     write_safetensors(
         &a.out,
         &[
             (
                 "input_ids",
                 safetensors::Dtype::I64,
-                vec![ids.len()],
+                vec![ids64.len()],
                 bytemuck_i64(&ids64),
             ),
             (
                 "logits",
                 safetensors::Dtype::F32,
-                vec![ids.len(), vocab],
+                vec![positions, vocab],
                 bytemuck_f32(&logits),
             ),
         ],
     )?;
     eprintln!(
         "wrote {} positions x {} logits to {}",
-        ids.len(),
+        positions,
         vocab,
         a.out.display()
     );
     Ok(())
+}
+
+/// A raw prompt split at its image placeholders, one per attached image.
+fn raw_segments(prompt: &str, images: usize, placeholder: &str) -> Result<Vec<Segment>, String> {
+    let mut segments = Vec::new();
+    if images == 0 {
+        segments.push(Segment::Text(prompt.to_string()));
+        return Ok(segments);
+    }
+    let pieces: Vec<&str> = prompt.split(placeholder).collect();
+    if pieces.len() - 1 != images {
+        return Err(format!(
+            "the raw prompt has {} `{placeholder}` placeholders for {images} images",
+            pieces.len() - 1
+        ));
+    }
+    for (i, piece) in pieces.iter().enumerate() {
+        if i > 0 {
+            segments.push(Segment::Image(i - 1));
+        }
+        if !piece.is_empty() {
+            segments.push(Segment::Text(piece.to_string()));
+        }
+    }
+    Ok(segments)
 }
 
 fn bytemuck_i64(v: &[i64]) -> Vec<u8> {

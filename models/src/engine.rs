@@ -12,6 +12,7 @@ use mipha_runtime::{
 };
 
 use crate::config::{PhiConfig, VisionConfig};
+use crate::image::ImageConfig;
 use crate::phi::PhiForCausalLM;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::siglip::{patchify, SiglipVisionTower};
@@ -72,6 +73,7 @@ struct VisionExec {
 /// The vision tower's plan and weights, for files that have one.
 struct Vision {
     config: VisionConfig,
+    image: ImageConfig,
     plan: Plan,
     weights: Weights,
 }
@@ -129,10 +131,21 @@ impl Engine {
                         vc.projector_hidden, config.hidden_size
                     )));
                 }
+                let image = ImageConfig::from_metadata(meta)?;
+                if image.height() != vc.image_size || image.width() != vc.image_size {
+                    return Err(Error::Config(format!(
+                        "images are resized to {}x{}, the vision tower takes {}x{}",
+                        image.height(),
+                        image.width(),
+                        vc.image_size,
+                        vc.image_size
+                    )));
+                }
                 let plan = SiglipVisionTower::plan(&vc);
                 let weights = Weights::bind(&plan, file.clone())?;
                 Some(Vision {
                     config: vc,
+                    image,
                     plan,
                     weights,
                 })
@@ -291,6 +304,11 @@ impl Engine {
 
     pub fn vision_config(&self) -> Option<&VisionConfig> {
         self.vision.as_ref().map(|v| &v.config)
+    }
+
+    /// How pictures are prepared for this model (`None` without a vision tower).
+    pub fn image_config(&self) -> Option<&ImageConfig> {
+        self.vision.as_ref().map(|v| &v.image)
     }
 
     /// Runs preprocessed CHW pixels (`image.size` square, normalized) through the

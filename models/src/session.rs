@@ -1,6 +1,7 @@
 //! A conversation with its own KV cache: images attach to the next question,
 //! each turn feeds only what the cache does not hold yet, answers stream.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,8 @@ pub struct ImageEmbeds {
 /// Where the time of one turn went.
 #[derive(Clone, Debug, Default)]
 pub struct TurnStats {
+    /// decoding and resizing the images attached to this turn
+    pub image_preprocess: Duration,
     /// encoding the images attached to this turn (zero for cached ones)
     pub image_encode: Duration,
     pub images_encoded: usize,
@@ -57,6 +60,8 @@ fn rate(n: usize, d: Duration) -> f64 {
 /// One answer.
 #[derive(Clone, Debug)]
 pub struct Reply {
+    /// the ids of the whole conversation as fed to the model, this question included
+    pub prompt: Vec<PromptId>,
     /// generated ids, including a final `<|endoftext|>` when that stopped it
     pub tokens: Vec<u32>,
     pub text: String,
@@ -74,7 +79,7 @@ pub struct Session {
     images: Vec<ImageEmbeds>,
     /// images attached for the next question
     pending: Vec<ImageEmbeds>,
-    pending_encode: (Duration, usize, usize),
+    pending_stats: TurnStats,
     /// what the KV cache holds, in order
     fed: Vec<PromptId>,
     /// ids so far, for the repetition penalty
@@ -91,7 +96,7 @@ impl Session {
             turns: Vec::new(),
             images: Vec::new(),
             pending: Vec::new(),
-            pending_encode: Default::default(),
+            pending_stats: TurnStats::default(),
             fed: Vec::new(),
             history: Vec::new(),
             logits: Vec::new(),
@@ -116,17 +121,33 @@ impl Session {
         self.pending.len()
     }
 
+    /// Decodes and preprocesses the picture at `path` and attaches it to the next
+    /// question. Unreadable, truncated, empty or oversized images are errors
+    /// naming the file; the session is unchanged then.
+    pub fn attach_image(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        let cfg = self
+            .engine
+            .image_config()
+            .ok_or_else(|| Error::Config("this model file has no vision tower".into()))?;
+        let t = Instant::now();
+        let image = crate::image::load_image(path, cfg)?;
+        let preprocess = t.elapsed();
+        self.attach_pixels(&image.pixels, image.hash)?;
+        self.pending_stats.image_preprocess += preprocess;
+        Ok(())
+    }
+
     /// Attaches preprocessed pixels (CHW, the model's image size) to the next
     /// question. Identical pictures are encoded once per engine.
     pub fn attach_pixels(&mut self, pixels: &[f32], key: u128) -> Result<()> {
         let t = Instant::now();
         let (embeds, cached) = self.engine.encode_image_cached(pixels, key)?;
-        let (time, encoded, hits) = &mut self.pending_encode;
+        let st = &mut self.pending_stats;
         if cached {
-            *hits += 1;
+            st.images_cached += 1;
         } else {
-            *time += t.elapsed();
-            *encoded += 1;
+            st.image_encode += t.elapsed();
+            st.images_encoded += 1;
         }
         self.pending.push(ImageEmbeds { key, embeds });
         Ok(())
@@ -137,7 +158,7 @@ impl Session {
         self.turns.clear();
         self.images.clear();
         self.pending.clear();
-        self.pending_encode = Default::default();
+        self.pending_stats = TurnStats::default();
         self.fed.clear();
         self.history.clear();
         // Truncating a live sequence only fails for an unknown id, which ours is not.
@@ -174,7 +195,7 @@ impl Session {
     ) -> Result<Reply> {
         opts.sampling.validate().map_err(Error::Config)?;
         let start = Instant::now();
-        let (encode_time, encoded, hits) = std::mem::take(&mut self.pending_encode);
+        let image_stats = std::mem::take(&mut self.pending_stats);
         let pending = std::mem::take(&mut self.pending);
         self.turns.push(Turn {
             user: question.to_string(),
@@ -183,12 +204,7 @@ impl Session {
         });
         let n_images_before = self.images.len();
         self.images.extend(pending);
-        let mut stats = TurnStats {
-            image_encode: encode_time,
-            images_encoded: encoded,
-            images_cached: hits,
-            ..Default::default()
-        };
+        let mut stats = image_stats.clone();
         match self.prefill(cancel, &mut stats) {
             Ok(true) => {}
             Ok(false) => {
@@ -196,9 +212,10 @@ impl Session {
                 // its images wait for the next one.
                 self.turns.pop();
                 self.pending = self.images.drain(n_images_before..).collect();
-                self.pending_encode = (encode_time, encoded, hits);
+                self.pending_stats = image_stats;
                 stats.time_to_first_token = start.elapsed();
                 return Ok(Reply {
+                    prompt: Vec::new(),
                     tokens: Vec::new(),
                     text: String::new(),
                     stop_reason: StopReason::Cancelled,
@@ -207,12 +224,12 @@ impl Session {
             }
             Err(e) => {
                 self.turns.pop();
-                let back: Vec<ImageEmbeds> = self.images.drain(n_images_before..).collect();
-                self.pending = back;
-                self.pending_encode = (encode_time, encoded, hits);
+                self.pending = self.images.drain(n_images_before..).collect();
+                self.pending_stats = image_stats;
                 return Err(e);
             }
         }
+        let prompt = self.fed.clone();
         let mut first = true;
         let mut on_token = on_token;
         let engine = self.engine.clone();
@@ -249,6 +266,7 @@ impl Session {
         stats.decode = d.elapsed;
         self.turns.last_mut().expect("pushed above").assistant = Some(d.text.trim().to_string());
         Ok(Reply {
+            prompt,
             tokens: d.tokens,
             text: d.text,
             stop_reason: d.stop,
