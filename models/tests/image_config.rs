@@ -139,3 +139,32 @@ fn bad_values_are_refused() {
         assert!(e.contains(key), "{key} = {shown}: {e}");
     }
 }
+
+/// `square` (what the converter writes when config.json names no aspect) resizes
+/// straight to the model size without padding: it agrees with `pad` on square
+/// pictures and differs on others.
+#[test]
+fn square_aspect_resizes_without_padding() {
+    use mipha_models::image::{preprocess, RgbImage};
+    let config = |aspect: &str| {
+        let mut m = base();
+        m.insert(
+            "image.size",
+            arr(vec![MetaValue::U64(32), MetaValue::U64(32)]),
+        );
+        m.insert("image.aspect", MetaValue::Str(aspect.into()));
+        ImageConfig::from_metadata(&m).unwrap()
+    };
+    let (square, pad) = (config("square"), config("pad"));
+    assert_eq!(square.aspect(), Aspect::Square);
+    let picture = |w: u32, h: u32| {
+        let data: Vec<u8> = (0..w * h * 3).map(|i| (i * 37 % 251) as u8).collect();
+        RgbImage::new(w, h, data).unwrap()
+    };
+    let sq = picture(17, 17);
+    assert!(preprocess(&sq, &square).pixels == preprocess(&sq, &pad).pixels);
+    let wide = picture(23, 11);
+    let a = preprocess(&wide, &square).pixels;
+    assert_eq!(a.len(), 3 * 32 * 32);
+    assert!(a != preprocess(&wide, &pad).pixels, "square must not pad");
+}

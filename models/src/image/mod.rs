@@ -34,14 +34,19 @@ pub use resize::Resample;
 pub enum Aspect {
     /// LLaVA's `expand2square`: paste centred on a square of `pad_color`, then resize.
     Pad,
+    /// Resize straight to the model size, ignoring the aspect ratio (what LLaVA does
+    /// for any `image_aspect_ratio` other than `pad`; the converter writes `square`
+    /// when config.json names none).
+    Square,
 }
 
 impl Aspect {
-    pub const NAMES: [&'static str; 1] = ["pad"];
+    pub const NAMES: [&'static str; 2] = ["pad", "square"];
 
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "pad" => Some(Aspect::Pad),
+            "square" => Some(Aspect::Square),
             _ => None,
         }
     }
@@ -305,6 +310,7 @@ pub fn preprocess(image: &RgbImage, cfg: &ImageConfig) -> PreparedImage {
             let sq = resize::PaddedSquare::new(image, cfg.pad_color);
             resize::resample(&sq, w, h, cfg.resample)
         }
+        Aspect::Square => resize::resample(image, w, h, cfg.resample),
     };
     let table = cfg.level_table();
     let plane = h * w;
