@@ -36,15 +36,8 @@ impl Pty {
             ws_ypixel: 0,
         };
         // SAFETY: openpty writes two fds into the locals; null name/termios are allowed.
-        let rc = unsafe {
-            libc::openpty(
-                &mut m,
-                &mut s,
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                &ws,
-            )
-        };
+        let rc =
+            unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
         assert_eq!(rc, 0, "openpty failed");
         // SAFETY: both fds were just opened and are owned here.
         let (master, slave) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) };
