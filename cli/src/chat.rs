@@ -14,6 +14,8 @@ commands:
   /image PATH   attach a picture to your next question (repeat for several)
   /reset        start a new conversation
   /stats        timings of the last answer
+  /set KEY VAL  change a setting: max-tokens, temperature, top-k, top-p, min-p,
+                repeat-penalty, seed
   /help         this text
   /quit         leave (also Ctrl-D)
 Ctrl-C stops an answer; the conversation keeps what was said.";
@@ -23,7 +25,7 @@ pub struct ChatOptions {
     pub gen: GenerateOptions,
 }
 
-pub fn chat(engine: Arc<Engine>, opts: ChatOptions) -> Result<(), Box<dyn std::error::Error>> {
+pub fn chat(engine: Arc<Engine>, mut opts: ChatOptions) -> Result<(), Box<dyn std::error::Error>> {
     let mut session = Session::new(engine.clone());
     let mut editor = rustyline::DefaultEditor::new()?;
     let cancel = CancelToken::new();
@@ -76,6 +78,10 @@ pub fn chat(engine: Arc<Engine>, opts: ChatOptions) -> Result<(), Box<dyn std::e
                 },
                 "image" if !arg.trim().is_empty() => attach(&mut session, arg.trim().as_ref()),
                 "image" => println!("usage: /image PATH"),
+                "set" => match set(&mut opts.gen, arg) {
+                    Ok(()) => println!("({})", arg.trim()),
+                    Err(e) => eprintln!("error: {e}"),
+                },
                 other => println!("unknown command /{other}; /help lists them"),
             }
             continue;
@@ -107,4 +113,37 @@ fn attach(session: &mut Session, path: &std::path::Path) {
         Ok(()) => println!("(attached {})", path.display()),
         Err(e) => eprintln!("error: {e}"),
     }
+}
+
+/// `/set KEY VALUE`: one generation setting, validated like the command line's.
+fn set(gen: &mut GenerateOptions, arg: &str) -> Result<(), String> {
+    let mut words = arg.split_whitespace();
+    let (Some(key), Some(value), None) = (words.next(), words.next(), words.next()) else {
+        return Err("usage: /set KEY VALUE".into());
+    };
+    let float = || {
+        value
+            .parse::<f32>()
+            .map_err(|_| format!("{key}: `{value}` is not a number"))
+    };
+    let int = || {
+        value
+            .parse::<u64>()
+            .map_err(|_| format!("{key}: `{value}` is not a whole number"))
+    };
+    let mut next = gen.clone();
+    let s = &mut next.sampling;
+    match key {
+        "max-tokens" => next.max_tokens = int()? as usize,
+        "temperature" => s.temperature = float()?,
+        "top-k" => s.top_k = int()? as usize,
+        "top-p" => s.top_p = float()?,
+        "min-p" => s.min_p = float()?,
+        "repeat-penalty" => s.repeat_penalty = float()?,
+        "seed" => s.seed = int()?,
+        other => return Err(format!("unknown setting `{other}`; /help lists them")),
+    }
+    next.sampling.validate()?;
+    *gen = next;
+    Ok(())
 }

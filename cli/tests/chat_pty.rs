@@ -195,18 +195,22 @@ fn chat_in_a_terminal() {
     let stats = t.expect("stop: cancelled");
     assert!(stats.contains("1 image(s)"), "{stats}");
 
-    // The conversation goes on: the next question reuses the cache.
+    // The conversation goes on: a short follow-up answers in full and reuses
+    // the cache.
+    t.line("/set max-tokens 5");
+    t.expect("(max-tokens 5)");
+    t.line("/set top-p 7");
+    t.expect("error: top-p");
     t.line("Tell me more.");
     t.expect("more.");
-    t.expect("\n");
-    t.wait_chars(40);
-    t.send(&[0x03]);
-    t.expect("[stopped]");
+    // the greedy 5-token answer holds no "> ", so this is the next prompt
     t.expect("> ");
     t.line("/stats");
     let stats = t.expect("stop: ");
+    assert!(stats.contains("5 tokens"), "{stats}");
     assert!(stats.contains("reused"), "{stats}");
     assert!(!stats.contains(" 0 reused"), "{stats}");
+    t.expect("max_tokens");
 
     t.line("/reset");
     t.expect("(new conversation)");
