@@ -1,5 +1,36 @@
-//! Mipha-3B model code: the Phi-2 language model as a graph plan, the tokenizer
-//! and conversation template, sampling, and the engine that runs them.
+//! Mipha-3B model code: the SigLIP vision tower, projector and Phi-2 language
+//! model as graph plans; image preprocessing; the tokenizer and conversation
+//! template; sampling; and the [`Engine`] and [`Session`] that run them.
+//!
+//! An [`Engine`] is loaded once from a `.mqf` file and shared between threads;
+//! each conversation is a [`Session`] with its own paged KV cache.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use mipha_models::{CancelToken, Engine, EngineOptions, GenerateOptions, Session};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let engine = Arc::new(Engine::load("mipha-3b.mqf", EngineOptions::default())?);
+//! let mut session = Session::new(engine.clone());
+//! session.attach_image("photo.jpg")?;
+//! let cancel = CancelToken::new(); // cancel() from any thread stops the answer
+//! let reply = session.ask(
+//!     "What is shown in this image?",
+//!     &GenerateOptions::default(),
+//!     Some(&cancel),
+//!     |_id, piece| {
+//!         print!("{piece}");
+//!         true // false stops the answer too
+//!     },
+//! )?;
+//! eprintln!("{:.1} tokens/s", reply.stats.decode_tok_s());
+//! // A follow-up costs only its own tokens: the picture stays in the KV cache.
+//! session.ask("And the colours?", &GenerateOptions::default(), None, |_, _| true)?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A runnable program: `examples/describe.rs`.
 
 pub mod config;
 pub mod engine;
