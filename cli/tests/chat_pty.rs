@@ -6,18 +6,12 @@
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_mipha-cli");
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/tiny-a")
-        .join(rel)
-}
+mod tiny_common;
+use tiny_common::{fixture, tiny_a, BIN};
 
 struct Pty {
     master: std::fs::File,
@@ -156,13 +150,7 @@ impl Drop for Pty {
 #[test]
 fn chat_in_a_terminal() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny-a.mqf");
-    let opts = mipha_convert::ConvertOptions::new(
-        fixture("checkpoint"),
-        &model,
-        mipha_runtime::QuantType::F32,
-    );
-    mipha_convert::convert_checkpoint(&opts).unwrap();
+    let model = tiny_a(dir.path());
     let image = fixture("chelsea.png");
     let mut t = Pty::spawn(&[
         "chat".as_ref(),

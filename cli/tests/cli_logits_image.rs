@@ -2,37 +2,16 @@
 //! patches included) and the authors' ids with -200 at the placeholder, against
 //! the tiny-a image golden.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mipha-cli");
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/tiny-a")
-        .join(rel)
-}
-
-fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
+mod tiny_common;
+use tiny_common::*;
 
 #[test]
 fn logits_with_an_image_cover_the_expanded_sequence() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny-a.mqf");
-    let opts = mipha_convert::ConvertOptions::new(
-        fixture("checkpoint"),
-        &model,
-        mipha_runtime::QuantType::F32,
-    );
-    mipha_convert::convert_checkpoint(&opts).unwrap();
-    let golden: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("golden_image.json")).unwrap())
-            .unwrap();
+    let model = tiny_a(dir.path());
+    let golden = golden_json("golden_image.json");
     let out = dir.path().join("l.safetensors");
     let run = Command::new(BIN)
         .args(["logits", "--model"])
@@ -51,13 +30,7 @@ fn logits_with_an_image_cover_the_expanded_sequence() {
     );
     let bytes = std::fs::read(&out).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let ids: Vec<i64> = st
-        .tensor("input_ids")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let ids = i64s(st.tensor("input_ids").unwrap().data());
     let want: Vec<i64> = golden["input_ids"]
         .as_array()
         .unwrap()
@@ -67,15 +40,8 @@ fn logits_with_an_image_cover_the_expanded_sequence() {
     assert_eq!(ids, want);
     let logits = st.tensor("logits").unwrap();
     assert_eq!(logits.shape(), &[58, 51200], "49 ids + 9 patches");
-    let gb = std::fs::read(fixture("golden_image.safetensors")).unwrap();
-    let g = safetensors::SafeTensors::deserialize(&gb).unwrap();
-    let last = f32s(g.tensor("prompt_logits_last").unwrap().data());
-    let ours = f32s(&logits.data()[57 * 51200 * 4..]);
-    let d = ours
-        .iter()
-        .zip(&last)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let last = golden_f32("golden_image.safetensors", "prompt_logits_last");
+    let d = max_abs_diff(&f32s(&logits.data()[57 * 51200 * 4..]), &last);
     assert!(d < 1e-3, "last-position logits differ by {d}");
 
     // A raw prompt marks the picture itself; a count mismatch is an error.

@@ -1,30 +1,9 @@
 //! `mipha-cli run` and `mipha-cli logits` end to end on the tiny-a fixture.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mipha-cli");
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/tiny-a")
-        .join(rel)
-}
-
-fn tiny_a(dir: &Path) -> PathBuf {
-    let out = dir.join("tiny-a.mqf");
-    let opts = mipha_convert::ConvertOptions::new(
-        fixture("checkpoint"),
-        &out,
-        mipha_runtime::QuantType::F32,
-    );
-    mipha_convert::convert_checkpoint(&opts).unwrap();
-    out
-}
-
-fn golden_json(name: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture(name)).unwrap()).unwrap()
-}
+mod tiny_common;
+use tiny_common::*;
 
 #[test]
 fn run_json_gives_the_golden_greedy_tokens() {
@@ -120,24 +99,8 @@ fn logits_writes_every_position() {
     assert_eq!(logits.shape(), &[t, 51200]);
 
     // The golden's last-position logits.
-    let gb = std::fs::read(fixture("golden_text.safetensors")).unwrap();
-    let gst = safetensors::SafeTensors::deserialize(&gb).unwrap();
-    let last: Vec<f32> = gst
-        .tensor("prompt_logits_last")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    let ours: Vec<f32> = logits.data()[(t - 1) * 51200 * 4..]
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    let d = ours
-        .iter()
-        .zip(&last)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let last = golden_f32("golden_text.safetensors", "prompt_logits_last");
+    let d = max_abs_diff(&f32s(&logits.data()[(t - 1) * 51200 * 4..]), &last);
     assert!(d < 1e-3, "last-position logits differ by {d}");
 
     // --raw skips the template.
@@ -152,13 +115,7 @@ fn logits_writes_every_position() {
     assert!(out.status.success());
     let bytes = std::fs::read(&raw).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let ids: Vec<i64> = st
-        .tensor("input_ids")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let ids = i64s(st.tensor("input_ids").unwrap().data());
     assert_eq!(ids, vec![64, 50286, 65]);
 }
 
