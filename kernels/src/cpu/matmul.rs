@@ -161,6 +161,7 @@ fn dot_tile<D: Decode, const R: usize, const A: usize>(
 }
 
 /// Computes rows `j0..j0 + out_t.len() / m` of `out^T` (column-major: `out_t[j * m + i]`).
+#[inline(always)]
 fn matmul_cols<D: Decode>(x: &[f32], m: usize, w: &WeightView, j0: usize, out_t: &mut [f32]) {
     let k = w.cols;
     let mut i = 0;
@@ -188,6 +189,31 @@ fn matmul_cols<D: Decode>(x: &[f32], m: usize, w: &WeightView, j0: usize, out_t:
             i += 1;
         }
     }
+}
+
+/// [`matmul_cols`] compiled for the best instruction set this CPU has (checked
+/// once at run time), so one binary runs everywhere and fast where it can.
+#[inline(always)]
+fn cols<D: Decode>(x: &[f32], m: usize, w: &WeightView, j0: usize, out_t: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::dispatch::level() >= super::dispatch::Level::Avx2 {
+        // SAFETY: level() reported AVX2, FMA and F16C on this CPU.
+        unsafe { matmul_cols_avx2::<D>(x, m, w, j0, out_t) };
+        return;
+    }
+    matmul_cols::<D>(x, m, w, j0, out_t)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn matmul_cols_avx2<D: Decode>(
+    x: &[f32],
+    m: usize,
+    w: &WeightView,
+    j0: usize,
+    out_t: &mut [f32],
+) {
+    matmul_cols::<D>(x, m, w, j0, out_t)
 }
 
 thread_local! {
@@ -218,7 +244,7 @@ fn run<D: Decode>(x: &[f32], m: usize, w: &WeightView, bias: Option<&[f32]>, out
     if m == 1 {
         // out is [1, n]: already column-major.
         out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
-            matmul_cols::<D>(x, 1, w, c * chunk, o);
+            cols::<D>(x, 1, w, c * chunk, o);
         });
     } else {
         let mut out_t = SCRATCH.take();
@@ -227,7 +253,7 @@ fn run<D: Decode>(x: &[f32], m: usize, w: &WeightView, bias: Option<&[f32]>, out
             .par_chunks_mut(chunk * m)
             .enumerate()
             .for_each(|(c, o)| {
-                matmul_cols::<D>(x, m, w, c * chunk, o);
+                cols::<D>(x, m, w, c * chunk, o);
             });
         out.par_chunks_mut(n).enumerate().for_each(|(i, o)| {
             for (j, v) in o.iter_mut().enumerate() {

@@ -8,6 +8,7 @@
 //! a rayon task, and splits its work only when it is large enough to pay for it.
 
 mod attention;
+pub mod dispatch;
 mod math;
 mod matmul;
 
