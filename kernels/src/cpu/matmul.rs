@@ -213,7 +213,80 @@ unsafe fn matmul_cols_avx2<D: Decode>(
     j0: usize,
     out_t: &mut [f32],
 ) {
+    // Decode streams each weight row once: the quantized types get hand-written
+    // block dots (f32 activations, so results match the portable path up to
+    // summation order).
+    if m == 1 && matches!(w.ty, QuantType::Q4_0 | QuantType::Q8_0) {
+        for (jj, o) in out_t.iter_mut().enumerate() {
+            *o = avx2::dot_row(w.ty, w.row(j0 + jj), x, w.cols);
+        }
+        return;
+    }
     matmul_cols::<D>(x, m, w, j0, out_t)
+}
+
+/// AVX2/FMA/F16C block dots of one Q4_0 or Q8_0 row with f32 activations.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use crate::quant::dequantize_row;
+    use crate::{QuantType, QK};
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scale(b: &[u8]) -> __m256 {
+        let h = u16::from_le_bytes([b[0], b[1]]);
+        _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32))))
+    }
+
+    /// `sum_j w[j] * x[j]` over the row's `k` logical columns.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_row(ty: QuantType, row: &[u8], x: &[f32], k: usize) -> f32 {
+        let nb = k / QK;
+        let bb = ty.block_bytes();
+        let mut acc = _mm256_setzero_ps();
+        let xp = x.as_ptr();
+        for b in 0..nb {
+            let blk = &row[b * bb..(b + 1) * bb];
+            let xb = xp.add(b * QK);
+            let mut s = _mm256_setzero_ps();
+            if ty == QuantType::Q4_0 {
+                let bytes = _mm_loadu_si128(blk.as_ptr().add(2) as *const __m128i);
+                let mask = _mm_set1_epi8(0x0f);
+                let lo = _mm_and_si128(bytes, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+                let eight = _mm256_set1_ps(8.0);
+                for (half, nib) in [lo, hi].into_iter().enumerate() {
+                    let a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nib));
+                    let b8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(nib, 8)));
+                    let x0 = _mm256_loadu_ps(xb.add(16 * half));
+                    let x1 = _mm256_loadu_ps(xb.add(16 * half + 8));
+                    s = _mm256_fmadd_ps(_mm256_sub_ps(a, eight), x0, s);
+                    s = _mm256_fmadd_ps(_mm256_sub_ps(b8, eight), x1, s);
+                }
+            } else {
+                let q = blk.as_ptr().add(2);
+                for c in 0..4 {
+                    let v = _mm_loadl_epi64(q.add(8 * c) as *const __m128i);
+                    let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+                    s = _mm256_fmadd_ps(f, _mm256_loadu_ps(xb.add(8 * c)), s);
+                }
+            }
+            acc = _mm256_fmadd_ps(scale(blk), s, acc);
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        let mut total: f32 = lanes.iter().sum();
+        if k % QK != 0 {
+            let mut wt = [0f32; QK];
+            dequantize_row(ty, &row[nb * bb..], &mut wt[..k % QK]);
+            for (wv, xv) in wt[..k % QK].iter().zip(&x[nb * QK..k]) {
+                total += wv * xv;
+            }
+        }
+        total
+    }
 }
 
 thread_local! {
