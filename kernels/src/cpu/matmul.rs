@@ -216,7 +216,7 @@ unsafe fn matmul_cols_avx2<D: Decode>(
     // Decode streams each weight row once: the quantized types get hand-written
     // block dots (f32 activations, so results match the portable path up to
     // summation order).
-    if m == 1 && matches!(w.ty, QuantType::Q4_0 | QuantType::Q8_0) {
+    if m == 1 {
         for (jj, o) in out_t.iter_mut().enumerate() {
             *o = avx2::dot_row(w.ty, w.row(j0 + jj), x, w.cols);
         }
@@ -225,7 +225,7 @@ unsafe fn matmul_cols_avx2<D: Decode>(
     matmul_cols::<D>(x, m, w, j0, out_t)
 }
 
-/// AVX2/FMA/F16C block dots of one Q4_0 or Q8_0 row with f32 activations.
+/// AVX2/FMA/F16C block dots of one stored row (any type) with f32 activations.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -244,13 +244,42 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_row(ty: QuantType, row: &[u8], x: &[f32], k: usize) -> f32 {
         let nb = k / QK;
-        let bb = ty.block_bytes();
+        // bytes per 32 elements (one block, or 32 plain floats)
+        let bb = ty.row_bytes(QK);
         let mut acc = _mm256_setzero_ps();
         let xp = x.as_ptr();
         for b in 0..nb {
             let blk = &row[b * bb..(b + 1) * bb];
             let xb = xp.add(b * QK);
             let mut s = _mm256_setzero_ps();
+            let p = blk.as_ptr();
+            match ty {
+                QuantType::F32 => {
+                    for c in 0..4 {
+                        let w = _mm256_loadu_ps(p.add(32 * c) as *const f32);
+                        acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb.add(8 * c)), acc);
+                    }
+                    continue;
+                }
+                QuantType::F16 => {
+                    for c in 0..4 {
+                        let h = _mm_loadu_si128(p.add(16 * c) as *const __m128i);
+                        let w = _mm256_cvtph_ps(h);
+                        acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb.add(8 * c)), acc);
+                    }
+                    continue;
+                }
+                QuantType::BF16 => {
+                    for c in 0..4 {
+                        let h = _mm_loadu_si128(p.add(16 * c) as *const __m128i);
+                        let w =
+                            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+                        acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb.add(8 * c)), acc);
+                    }
+                    continue;
+                }
+                QuantType::Q4_0 | QuantType::Q8_0 => {}
+            }
             if ty == QuantType::Q4_0 {
                 let bytes = _mm_loadu_si128(blk.as_ptr().add(2) as *const __m128i);
                 let mask = _mm_set1_epi8(0x0f);
