@@ -3,43 +3,10 @@
 
 mod common;
 
-use std::borrow::Cow;
-
 use common::*;
 use mipha_convert::config::ModelConfig;
 use mipha_convert::plan::expected_tensors;
 use safetensors::{Dtype, View};
-
-/// A tensor whose bytes are generated when the serializer asks for them, so the
-/// test itself never holds the checkpoint either.
-struct Lazy {
-    shape: Vec<usize>,
-    seed: u64,
-}
-
-impl View for &Lazy {
-    fn dtype(&self) -> Dtype {
-        Dtype::F32
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        let mut s = self.seed | 1;
-        let mut out = Vec::with_capacity(self.data_len());
-        for _ in 0..self.data_len() / 4 {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let x = ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1;
-            out.extend_from_slice(&x.to_le_bytes());
-        }
-        Cow::Owned(out)
-    }
-    fn data_len(&self) -> usize {
-        self.shape.iter().product::<usize>() * 4
-    }
-}
 
 /// Runs the binary and returns its peak resident set in bytes.
 // The child is reaped by wait4, which std's lint cannot see.
@@ -84,6 +51,8 @@ fn peak_rss_is_about_one_tensor() {
             (
                 e.name,
                 Lazy {
+                    dtype: Dtype::F32,
+                    scale: 0.1,
                     shape: e.shape,
                     seed: i as u64,
                 },

@@ -12,7 +12,6 @@
 
 mod common;
 
-use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -22,36 +21,6 @@ use mipha_convert::plan::expected_tensors;
 use safetensors::{Dtype, View};
 
 const REAL_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/mipha-3b");
-
-struct Lazy {
-    shape: Vec<usize>,
-    seed: u64,
-}
-
-impl View for &Lazy {
-    fn dtype(&self) -> Dtype {
-        Dtype::BF16
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        let mut s = self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let n = self.data_len() / 2;
-        let mut out = Vec::with_capacity(self.data_len());
-        for _ in 0..n {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let x = ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.08;
-            out.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes());
-        }
-        Cow::Owned(out)
-    }
-    fn data_len(&self) -> usize {
-        self.shape.iter().product::<usize>() * 2
-    }
-}
 
 /// The tensors `expected_tensors` leaves out: tower layer 26, post_layernorm, head.
 fn dead_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
@@ -112,6 +81,8 @@ fn make_checkpoint(dir: &Path) {
             (
                 n,
                 Lazy {
+                    dtype: Dtype::BF16,
+                    scale: 0.08,
                     shape,
                     seed: i as u64,
                 },

@@ -2,13 +2,14 @@
 //! checkpoints in other layouts, and the expected stored bytes of a tensor.
 #![allow(dead_code)]
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use mipha_convert::QuantType;
 use mipha_kernels::quant::quantize_row;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::{Dtype, SafeTensors, View};
 
 pub const TINY_A: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -168,4 +169,44 @@ pub fn tiny_a_dropped(all: &BTreeMap<String, Src>) -> Vec<String> {
         })
         .cloned()
         .collect()
+}
+
+/// A tensor whose bytes are generated when the serializer asks for them, so a
+/// test writing a large checkpoint never holds it either: uniform values in
+/// `[-scale/2, scale/2)` from a seeded LCG, stored as `dtype`.
+pub struct Lazy {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub seed: u64,
+    pub scale: f32,
+}
+
+impl View for &Lazy {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        let mut s = self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let n: usize = self.shape.iter().product();
+        // encoded value by value: no f32 copy of the tensor besides its bytes
+        let mut out = Vec::with_capacity(self.data_len());
+        for _ in 0..n {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let x = ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * self.scale;
+            match self.dtype {
+                Dtype::F32 => out.extend_from_slice(&x.to_le_bytes()),
+                Dtype::F16 => out.extend_from_slice(&f16::from_f32(x).to_le_bytes()),
+                _ => out.extend_from_slice(&bf16::from_f32(x).to_le_bytes()),
+            }
+        }
+        Cow::Owned(out)
+    }
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.bitsize() / 8
+    }
 }
