@@ -245,3 +245,21 @@ pub fn dequantize_row(ty: QuantType, src: &[u8], dst: &mut [f32]) {
         }
     }
 }
+
+/// Activations quantized on the fly for the integer matmuls: one f32 scale per
+/// 32-block (`d = max|x| / 127`, `q = round(x / d)`, so `q` stays in -127..=127 and
+/// `maddubs` pairs cannot saturate), plus the block's sum of `q`, which turns a
+/// dot with Q4_0's unsigned nibbles into the dot with `nibble - 8`.
+#[inline]
+pub fn quantize_act_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, i32) {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (o, v) in q.iter_mut().zip(x) {
+        // NaN and inf activations saturate instead of wrapping (`as` is saturating).
+        *o = (v * id).round() as i8;
+        sum += *o as i32;
+    }
+    (d, sum)
+}

@@ -228,7 +228,7 @@ pub(crate) fn check_rope(
     positions: &[usize],
 ) {
     assert!(
-        rot_dims % 2 == 0 && rot_dims <= head_dim,
+        rot_dims.is_multiple_of(2) && rot_dims <= head_dim,
         "rope_partial: rot_dims {rot_dims} must be even and <= head_dim {head_dim}"
     );
     assert_eq!(
@@ -319,7 +319,7 @@ pub(crate) fn check_attention(
     out: &[f32],
 ) {
     assert!(
-        n_kv_heads > 0 && n_heads % n_kv_heads == 0,
+        n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads),
         "attention: n_heads {n_heads} not a multiple of n_kv_heads {n_kv_heads}"
     );
     assert_eq!(q.len(), n_tokens * n_heads * head_dim, "attention: q shape");
@@ -336,4 +336,58 @@ pub(crate) fn check_attention(
         "attention: block table covers {} positions, need {total}",
         kv.block_table.len() * kv.block_size
     );
+}
+
+/// The integer matmul the CPU runs for Q8_0/Q4_0 weights: each x row quantized
+/// per 32-block by [`quantize_act_block`](crate::quant::quantize_act_block), each
+/// block's integer dot with the weight block scaled by both scales, blocks summed
+/// in order in f32. The row's last partial block is zero-padded (as the weights are).
+pub fn matmul_int8(x: &[f32], m: usize, w: WeightView, bias: Option<&[f32]>, out: &mut [f32]) {
+    use crate::quant::{quantize_act_block, BlockQ4_0, BlockQ8_0, QuantType, QK};
+    check_matmul(x, m, &w, bias, out);
+    let (n, k) = (w.rows, w.cols);
+    let nb = k.div_ceil(QK);
+    for i in 0..m {
+        let mut xq = vec![([0i8; QK], 0.0f32, 0i32); nb];
+        for (b, blk) in xq.iter_mut().enumerate() {
+            let mut xs = [0.0f32; QK];
+            let end = ((b + 1) * QK).min(k);
+            xs[..end - b * QK].copy_from_slice(&x[i * k + b * QK..i * k + end]);
+            let (d, s) = quantize_act_block(&xs, &mut blk.0);
+            blk.1 = d;
+            blk.2 = s;
+        }
+        for j in 0..n {
+            let row = w.row(j);
+            let mut acc = 0.0f32;
+            for (b, (q, dx, _)) in xq.iter().enumerate() {
+                let (dw, dot) = match w.ty {
+                    QuantType::Q8_0 => {
+                        let blk: BlockQ8_0 =
+                            bytemuck::pod_read_unaligned(&row[b * 34..b * 34 + 34]);
+                        let dot: i32 = blk
+                            .qs
+                            .iter()
+                            .zip(q)
+                            .map(|(&a, &c)| a as i32 * c as i32)
+                            .sum();
+                        (blk.d.to_f32(), dot)
+                    }
+                    QuantType::Q4_0 => {
+                        let blk: BlockQ4_0 =
+                            bytemuck::pod_read_unaligned(&row[b * 18..b * 18 + 18]);
+                        let mut dot = 0i32;
+                        for t in 0..QK / 2 {
+                            dot += ((blk.qs[t] & 15) as i32 - 8) * q[t] as i32;
+                            dot += ((blk.qs[t] >> 4) as i32 - 8) * q[t + QK / 2] as i32;
+                        }
+                        (blk.d.to_f32(), dot)
+                    }
+                    other => panic!("matmul_int8: {other} weights are not block-quantized"),
+                };
+                acc += dot as f32 * (dw * dx);
+            }
+            out[i * n + j] = acc + bias.map_or(0.0, |b| b[j]);
+        }
+    }
 }

@@ -147,7 +147,7 @@ fn dot_tile<D: Decode, const R: usize, const A: usize>(
             }
         }
     }
-    if k % QK != 0 {
+    if !k.is_multiple_of(QK) {
         let mut wt = [0.0f32; QK];
         dequantize_row(ty, &wrow[nb * D::BYTES..], &mut wt[..k % QK]);
         for (acc_r, tail) in acc.iter_mut().zip(&xt.tails) {
@@ -307,7 +307,7 @@ mod avx2 {
         let mut lanes = [0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
         let mut total: f32 = lanes.iter().sum();
-        if k % QK != 0 {
+        if !k.is_multiple_of(QK) {
             let mut wt = [0f32; QK];
             dequantize_row(ty, &row[nb * bb..], &mut wt[..k % QK]);
             for (wv, xv) in wt[..k % QK].iter().zip(&x[nb * QK..k]) {

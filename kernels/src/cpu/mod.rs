@@ -11,6 +11,7 @@ mod attention;
 pub mod dispatch;
 mod math;
 mod matmul;
+mod qgemm;
 
 use rayon::prelude::*;
 use wide::f32x8;
@@ -18,6 +19,7 @@ use wide::f32x8;
 use crate::reference;
 pub use crate::{KvView, WeightView};
 use math::{load, map_in_place, store};
+pub use qgemm::{PackedMatrix, PANEL};
 
 /// Elements below which an elementwise op stays on the calling thread.
 const PAR_MIN: usize = 1 << 15;
@@ -29,6 +31,27 @@ const PAR_MIN: usize = 1 << 15;
 /// (threads split the weight rows, so they write transposed tiles first).
 pub fn matmul(x: &[f32], m: usize, w: WeightView, bias: Option<&[f32]>, out: &mut [f32]) {
     matmul::matmul(x, m, w, bias, out)
+}
+
+/// [`matmul`] for a Q8_0/Q4_0 matrix repacked by [`PackedMatrix::pack`]: the
+/// activations are quantized per 32-block to int8 and multiplied with integer
+/// dots (`vpdpbusd` / `maddubs`), as [`reference::matmul_int8`] defines, on the
+/// best kernel this CPU has.
+pub fn matmul_packed(x: &[f32], m: usize, w: &PackedMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
+    qgemm::matmul_packed(dispatch::level(), x, m, w, bias, out)
+}
+
+/// [`matmul_packed`] on a chosen kernel path (lowered to what the CPU supports),
+/// so tests and benchmarks can run every path on one machine.
+pub fn matmul_packed_at(
+    level: dispatch::Level,
+    x: &[f32],
+    m: usize,
+    w: &PackedMatrix,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    qgemm::matmul_packed(level, x, m, w, bias, out)
 }
 
 /// Row-wise LayerNorm over rows of `cols` elements (`rows = x.len() / cols`).
