@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mipha_runtime::{
-    Backend, BlockPool, Capture, CpuBackend, Error, Input, KvConfig, MqfFile, Plan, Result, SeqId,
+    Backend, BindOptions, BlockPool, Capture, CpuBackend, Error, Input, KvConfig, MqfFile, Plan, Result, SeqId,
     Step, Weights,
 };
 
@@ -36,6 +36,11 @@ pub struct EngineOptions {
     pub verify: bool,
     /// image embeddings kept for reuse (an LRU keyed by pixel content)
     pub image_cache: usize,
+    /// Q8_0/Q4_0 weights multiply int8-quantized activations (per 32-block, as
+    /// llama.cpp does) through integer SIMD kernels on weights repacked at load.
+    /// Off: f32 activations against the weights in place (several times slower;
+    /// bit-for-bit the math of a dequantized-weights oracle, for conformance).
+    pub int8_activations: bool,
 }
 
 impl Default for EngineOptions {
@@ -48,6 +53,7 @@ impl Default for EngineOptions {
             max_sequences: 1,
             verify: false,
             image_cache: 8,
+            int8_activations: true,
         }
     }
 }
@@ -112,7 +118,10 @@ impl Engine {
         let template = ChatTemplate::from_metadata(meta)?;
         let max_outputs = options.max_outputs.min(options.max_batch_tokens);
         let plan = PhiForCausalLM::plan(&config, options.max_batch_tokens, max_outputs);
-        let weights = Weights::bind(&plan, file.clone())?;
+        let bind = BindOptions {
+            repack: options.int8_activations,
+        };
+        let weights = Weights::bind_with(&plan, file.clone(), bind)?;
         let blocks_per_seq = config
             .max_position_embeddings
             .div_ceil(options.kv_block_size);
@@ -142,7 +151,7 @@ impl Engine {
                     )));
                 }
                 let plan = SiglipVisionTower::plan(&vc);
-                let weights = Weights::bind(&plan, file.clone())?;
+                let weights = Weights::bind_with(&plan, file.clone(), bind)?;
                 Some(Vision {
                     config: vc,
                     image,

@@ -265,15 +265,20 @@ impl CpuBackend {
                     out,
                     rows,
                 } => {
+                    let packed = weights.packed(*w);
                     let w = weights.get(*w);
                     let bias = bias.map(|b| weights.get(b).f32s());
+                    let matmul = |x: &[f32], m: usize, out: &mut [f32]| match packed {
+                        Some(p) => k::matmul_packed(x, m, p, bias, out),
+                        None => k::matmul(x, m, w.view(), bias, out),
+                    };
                     let kdim = plan.buffer(*x).width;
                     let mut o = std::mem::take(&mut self.buffers[out.0]);
                     let xb = &self.buffers[x.0];
                     match rows {
                         Rows::All => {
                             let m = self.rows(*x, n, n_out);
-                            k::matmul(&xb[..m * kdim], m, w.view(), bias, &mut o[..m * w.rows]);
+                            matmul(&xb[..m * kdim], m, &mut o[..m * w.rows]);
                         }
                         Rows::Outputs => {
                             for (j, &r) in step.outputs.iter().enumerate() {
@@ -285,11 +290,9 @@ impl CpuBackend {
                                 self.gather[j * kdim..(j + 1) * kdim]
                                     .copy_from_slice(&xb[r * kdim..(r + 1) * kdim]);
                             }
-                            k::matmul(
+                            matmul(
                                 &self.gather[..n_out * kdim],
                                 n_out,
-                                w.view(),
-                                bias,
                                 &mut o[..n_out * w.rows],
                             );
                         }

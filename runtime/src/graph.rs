@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use mipha_kernels::cpu::PackedMatrix;
 use mipha_kernels::QuantType;
 
 use crate::error::{Error, Result};
@@ -261,6 +262,24 @@ struct RawWeight {
 pub struct Weights {
     file: Arc<MqfFile>,
     raw: Vec<RawWeight>,
+    /// Q8_0/Q4_0 matmul weights repacked for the CPU's integer kernels
+    packed: Vec<Option<PackedMatrix>>,
+}
+
+/// How [`Weights::bind_with`] prepares weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BindOptions {
+    /// Repack Q8_0/Q4_0 matmul weights for the CPU's int8 kernels (activations
+    /// quantized to int8 per 32-block, as llama.cpp does). Off: those weights are
+    /// read in place and multiplied with f32 activations (slower; exact against a
+    /// dequantized-weights oracle).
+    pub repack: bool,
+}
+
+impl Default for BindOptions {
+    fn default() -> Self {
+        BindOptions { repack: true }
+    }
 }
 
 // SAFETY: the pointers point into `file`'s read-only memory map, which is kept
@@ -272,6 +291,12 @@ impl Weights {
     /// Looks up every weight of `plan` in `file`, checks its shape, and checks that
     /// weights read as plain f32 (norms, biases) are stored as F32.
     pub fn bind(plan: &Plan, file: Arc<MqfFile>) -> Result<Self> {
+        Self::bind_with(plan, file, BindOptions::default())
+    }
+
+    /// [`Weights::bind`] with options. Repacked weights are copied once here and
+    /// their pages of the file released, so memory holds one copy of each.
+    pub fn bind_with(plan: &Plan, file: Arc<MqfFile>, options: BindOptions) -> Result<Self> {
         let f32_only = f32_only_weights(plan);
         let mut raw = Vec::with_capacity(plan.weights.len());
         for (i, desc) in plan.weights.iter().enumerate() {
@@ -307,7 +332,27 @@ impl Weights {
                 len: t.data.len(),
             });
         }
-        Ok(Weights { file, raw })
+        let mut packed: Vec<Option<PackedMatrix>> = (0..raw.len()).map(|_| None).collect();
+        if options.repack {
+            for op in &plan.ops {
+                if let Op::MatMul { w, .. } = op {
+                    let r = raw[w.0];
+                    if packed[w.0].is_none() && matches!(r.ty, QuantType::Q8_0 | QuantType::Q4_0) {
+                        // SAFETY: as in `get`.
+                        let data = unsafe { std::slice::from_raw_parts(r.ptr, r.len) };
+                        let view = mipha_kernels::WeightView::new(r.ty, data, r.rows, r.cols);
+                        packed[w.0] = PackedMatrix::pack(view);
+                        file.release(data);
+                    }
+                }
+            }
+        }
+        Ok(Weights { file, raw, packed })
+    }
+
+    /// The repacked form of a matmul weight, if it has one.
+    pub fn packed(&self, id: WeightId) -> Option<&PackedMatrix> {
+        self.packed[id.0].as_ref()
     }
 
     pub fn file(&self) -> &Arc<MqfFile> {

@@ -339,8 +339,20 @@ pub fn check_lm(engine: &mipha_models::Engine, golden: &Golden, tol: Tolerance) 
 }
 
 /// An engine for conformance runs: small chunks and small KV blocks so that
-/// chunked prefill and block-table paging are exercised on tiny prompts.
+/// chunked prefill and block-table paging are exercised on tiny prompts, and
+/// f32 activations throughout, so quantized weights are exact against an oracle
+/// that ran on the dequantized weights.
 pub fn conformance_engine(mqf: &Path) -> mipha_models::Engine {
+    engine_with(mqf, false)
+}
+
+/// [`conformance_engine`] with the default int8 activations for Q8_0/Q4_0
+/// weights (what users run): judged by cosine and top-1 agreement.
+pub fn conformance_engine_int8(mqf: &Path) -> mipha_models::Engine {
+    engine_with(mqf, true)
+}
+
+fn engine_with(mqf: &Path, int8_activations: bool) -> mipha_models::Engine {
     let opts = mipha_models::EngineOptions {
         threads: 2,
         max_batch_tokens: 16,
@@ -348,6 +360,7 @@ pub fn conformance_engine(mqf: &Path) -> mipha_models::Engine {
         kv_block_size: 4,
         max_sequences: 1,
         verify: true,
+        int8_activations,
         ..Default::default()
     };
     mipha_models::Engine::load(mqf, opts).expect("load engine")

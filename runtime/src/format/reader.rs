@@ -644,6 +644,38 @@ impl MqfFile {
     pub fn file_size(&self) -> u64 {
         self.mmap.len() as u64
     }
+    /// Drops the resident pages of `data` (a slice of this file's map) from this
+    /// process: they are re-read from the file if touched again. For tensors
+    /// copied into another layout at load, so the file's copy does not count
+    /// twice in memory. Only whole pages inside `data` are released.
+    pub fn release(&self, data: &[u8]) {
+        #[cfg(unix)]
+        {
+            let base = self.mmap.as_ptr() as usize;
+            let start = data.as_ptr() as usize;
+            if start < base || start + data.len() > base + self.mmap.len() {
+                return;
+            }
+            let page = 4096;
+            let lo = (start - base).div_ceil(page) * page;
+            let hi = (start - base + data.len()) / page * page;
+            if hi > lo {
+                // SAFETY: the map is read-only and private, never written, so its
+                // pages are clean copies of the file: dropping them only means they
+                // are read again on the next access.
+                let _ = unsafe {
+                    self.mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        lo,
+                        hi - lo,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = data;
+    }
+
     /// Absolute file offset of the data section (a multiple of 4096).
     pub fn data_offset(&self) -> u64 {
         self.data_offset
