@@ -1,21 +1,58 @@
-//! `mipha-bench`: load time, prefill and decode throughput of a `.mqf` model,
-//! each as median (min–max) over repetitions, as a table or JSON lines.
+//! `mipha-bench`: the machine's bounds and a Mipha model's figures against them.
+//!
+//! First it probes the machine: sustained memory read bandwidth and peak f32 FMA
+//! and int8 dot-product rates, per thread count. Then, per quant type and
+//! thread count, in a child process of its own (so each peak RSS is its own):
+//! load time, image preprocessing, SigLIP tower and projector, prefill at each
+//! prompt length and for the image prompt, decode after a short and a long
+//! context, time to first token for a picture and a question, peak RSS. Every
+//! figure is a median (min–max) over repetitions and, where it has one, a
+//! fraction of its bound: decode against bandwidth ÷ bytes read per token,
+//! prefill and vision against operations ÷ peak rate. Output: a table, or JSON
+//! lines with `--json`. See `bench/README.md`.
 //!
 //! Without `--model` it synthesizes the full-size Mipha-3B (random weights in
 //! the real shapes) once per quant type and caches it.
 
-use std::path::PathBuf;
-use std::process::ExitCode;
-use std::time::{Duration, Instant};
+mod cost;
+mod probe;
+mod worker;
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
 
 use clap::Parser;
-use mipha_models::{Engine, EngineOptions, Logits};
-use mipha_runtime::{Input, QuantType};
+use mipha_runtime::{MqfFile, QuantType};
+
+use cost::{ModelCost, Peaks};
+use worker::{Raw, Spec};
+
+/// Every figure name, as written in the JSON lines.
+pub const FIGURES: [&str; 11] = [
+    "mem_read_gb_s",
+    "f32_fma_gflop_s",
+    "int8_dot_gop_s",
+    "load_ms",
+    "image_preprocess_ms",
+    "vision_encode_ms",
+    "projector_ms",
+    "prefill_tok_s",
+    "ttft_image_ms",
+    "decode_tok_s",
+    "peak_rss_mb",
+];
+pub const UNITS: [&str; 6] = ["ms", "tok/s", "MB", "GB/s", "GFLOP/s", "GOP/s"];
+
+/// About 20 tokens, asked about the picture for the image figures.
+const QUESTION: &str =
+    "What is shown in this image? Describe the animal, its fur and the background in one sentence.";
 
 #[derive(Parser)]
 #[command(
     name = "mipha-bench",
-    about = "Measure a Mipha model: load, prefill, decode"
+    about = "Measure the machine's bounds and a Mipha model's figures against them"
 )]
 struct Args {
     /// A `.mqf` file; default: a synthesized full-size model per --quant.
@@ -24,47 +61,174 @@ struct Args {
     /// config.json of the model to synthesize.
     #[arg(long, default_value = "assets/mipha-3b/config.json")]
     config: PathBuf,
-    /// Quant types of the synthesized language model (comma separated).
-    #[arg(long, default_value = "q4_0", value_delimiter = ',')]
-    quant: Vec<String>,
+    /// Language-model quant types to synthesize [default: f16,q8_0,q4_0; --quick: q4_0].
+    #[arg(long, value_delimiter = ',')]
+    quant: Option<Vec<String>>,
+    /// Quant type of the synthesized vision tower and projector [default: the --quant of each model, as `mipha-convert synth`].
+    #[arg(long)]
+    vision_quant: Option<String>,
     /// Where synthesized models are cached.
     #[arg(long, default_value = "target/bench-models")]
     cache_dir: PathBuf,
-    /// Thread counts to measure (comma separated; 0 = one per core).
+    /// Thread counts (comma separated; 0 = one per core).
     #[arg(long, default_value = "0", value_delimiter = ',')]
     threads: Vec<usize>,
-    /// Prompt lengths for prefill (comma separated).
-    #[arg(long, default_value = "64,512", value_delimiter = ',')]
-    prompt: Vec<usize>,
-    /// Tokens decoded after a short prompt.
-    #[arg(long, default_value_t = 32)]
-    gen: usize,
-    #[arg(long, default_value_t = 3)]
-    reps: usize,
+    /// Repetitions of each figure [default: 3; --quick: 1].
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Text prompt lengths for prefill, 0 for none [default: 64,512; --quick: 64].
+    #[arg(long, value_delimiter = ',')]
+    prompt: Option<Vec<usize>>,
+    /// Context lengths before decoding, 0 for none [default: 16,1024; --quick: 16].
+    #[arg(long, value_delimiter = ',')]
+    decode_ctx: Option<Vec<usize>>,
+    /// Tokens decoded after each context [default: 128; --quick: 16].
+    #[arg(long)]
+    gen: Option<usize>,
+    /// The picture of the image figures (preprocessed to the model's size).
+    #[arg(long, default_value = "assets/examples/chelsea.png")]
+    image: PathBuf,
+    /// The question asked about the picture.
+    #[arg(long, default_value = QUESTION)]
+    question: String,
+    /// Skip the image figures.
+    #[arg(long)]
+    no_image: bool,
+    /// Skip the image-prompt prefill and time to first token (vision still runs)
+    /// [default with --quick].
+    #[arg(long)]
+    no_ttft: bool,
+    /// Buffer of the bandwidth probe, MiB [default: 1024; --quick: 256].
+    #[arg(long)]
+    probe_mib: Option<usize>,
+    /// Seconds per probe and thread count [default: 0.5; --quick: 0.2].
+    #[arg(long)]
+    probe_seconds: Option<f64>,
+    /// A smoke run of about a minute: q4_0 only, 1 repetition, prefill 64, 16
+    /// tokens decoded after 16, one vision encode, short probes.
+    #[arg(long)]
+    quick: bool,
     /// One JSON object per line and figure.
     #[arg(long)]
     json: bool,
+    /// Internal: measure --model at one thread count, print raw samples.
+    #[arg(long, hide = true)]
+    worker: bool,
 }
 
+/// What the run measures, after `--quick` filled in what was not given.
+struct Settings {
+    quants: Vec<String>,
+    threads: Vec<usize>,
+    spec: Spec,
+    probe_bytes: usize,
+    probe_time: Duration,
+}
+
+fn settings(a: &Args) -> Settings {
+    let q = a.quick;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut threads: Vec<usize> = a
+        .threads
+        .iter()
+        .map(|&t| if t == 0 { cores } else { t })
+        .collect();
+    threads.dedup();
+    Settings {
+        quants: a.quant.clone().unwrap_or_else(|| {
+            let d: &[&str] = if q {
+                &["q4_0"]
+            } else {
+                &["f16", "q8_0", "q4_0"]
+            };
+            d.iter().map(|s| s.to_string()).collect()
+        }),
+        threads,
+        spec: Spec {
+            reps: a.reps.unwrap_or(if q { 1 } else { 3 }).max(1),
+            prompts: a
+                .prompt
+                .clone()
+                .unwrap_or_else(|| if q { vec![64] } else { vec![64, 512] }),
+            decode_ctx: a.decode_ctx.clone().unwrap_or_else(|| {
+                if q {
+                    vec![16]
+                } else {
+                    vec![16, 1024]
+                }
+            }),
+            gen: a.gen.unwrap_or(if q { 16 } else { 128 }),
+            image: (!a.no_image).then(|| a.image.clone()),
+            ttft: !a.no_ttft && !q,
+            question: a.question.clone(),
+        },
+        probe_bytes: a.probe_mib.unwrap_or(if q { 256 } else { 1024 }) << 20,
+        probe_time: Duration::from_secs_f64(
+            a.probe_seconds
+                .unwrap_or(if q { 0.2 } else { 0.5 })
+                .max(0.001),
+        ),
+    }
+}
+
+/// One reported figure.
 struct Figure {
     name: &'static str,
-    quant: String,
+    quant: Option<String>,
+    vision_quant: Option<String>,
     threads: usize,
     tokens: Option<usize>,
-    samples: Vec<f64>,
     unit: &'static str,
+    samples: Vec<f64>,
+    /// the best the machine allows, in `unit`
+    bound: Option<f64>,
+    note: Option<String>,
 }
 
 impl Figure {
     fn stats(&self) -> (f64, f64, f64) {
         let mut s = self.samples.clone();
         s.sort_by(|a, b| a.total_cmp(b));
-        (s[s.len() / 2], s[0], s[s.len() - 1])
+        let n = s.len();
+        let med = if n % 2 == 1 {
+            s[n / 2]
+        } else {
+            (s[n / 2 - 1] + s[n / 2]) / 2.0
+        };
+        (med, s[0], s[n - 1])
+    }
+
+    /// Rates are better high, times low; the fraction is ≤ 1 either way.
+    fn bound_fraction(&self) -> Option<f64> {
+        let (med, _, _) = self.stats();
+        let b = self.bound?;
+        Some(if self.unit.ends_with("/s") {
+            med / b
+        } else {
+            b / med
+        })
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let (median, min, max) = self.stats();
+        serde_json::json!({
+            "figure": self.name, "quant": self.quant, "vision_quant": self.vision_quant,
+            "threads": self.threads, "tokens": self.tokens,
+            "median": median, "min": min, "max": max,
+            "bound_fraction": self.bound_fraction(), "bound": self.bound,
+            "unit": self.unit, "note": self.note,
+        })
     }
 }
 
 fn main() -> ExitCode {
-    match run(Args::parse()) {
+    let args = Args::parse();
+    let result = if args.worker {
+        run_worker(&args)
+    } else {
+        run(&args)
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -73,140 +237,353 @@ fn main() -> ExitCode {
     }
 }
 
-fn model_for(args: &Args, quant: &str) -> Result<PathBuf, Box<dyn std::error::Error>> {
-    if let Some(m) = &args.model {
-        return Ok(m.clone());
+type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn run_worker(args: &Args) -> BoxResult<()> {
+    let s = settings(args);
+    let model = args.model.as_ref().ok_or("--worker needs --model")?;
+    let [threads] = s.threads[..] else {
+        return Err("--worker takes one thread count".into());
+    };
+    let label = model
+        .file_stem()
+        .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    worker::run(model, threads, &s.spec, &label)
+}
+
+/// 64-bit FNV-1a: a stable key for the config files of a cached model.
+fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
+    for &b in bytes {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
     }
+    h
+}
+
+/// The cached synthesized model for `quant` (synthesized now if missing or
+/// unreadable), keyed by the config's content and both quant types.
+fn synthesized(args: &Args, quant: &str) -> BoxResult<PathBuf> {
     let q = QuantType::from_name(quant).ok_or_else(|| format!("unknown quant type `{quant}`"))?;
-    std::fs::create_dir_all(&args.cache_dir)?;
-    let path = args.cache_dir.join(format!("mipha-3b-synth-{quant}.mqf"));
-    if !path.exists() {
-        eprintln!("synthesizing {} ...", path.display());
-        let mut opts = mipha_convert::SynthOptions::new(&args.config, &path, q);
-        opts.progress = true;
-        mipha_convert::synth(&opts)?;
+    let vq = match &args.vision_quant {
+        Some(v) => QuantType::from_name(v).ok_or_else(|| format!("unknown quant type `{v}`"))?,
+        None => q,
+    };
+    let config = std::fs::read(&args.config)
+        .map_err(|e| format!("{}: {e} (use --model or --config)", args.config.display()))?;
+    let mut key = fnv1a(&config, 0xcbf2_9ce4_8422_2325);
+    let dir = args.config.parent().unwrap_or(Path::new("."));
+    if let Ok(pre) = std::fs::read(dir.join("preprocessor_config.json")) {
+        key = fnv1a(&pre, key);
     }
+    let stem = dir
+        .file_name()
+        .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+    std::fs::create_dir_all(&args.cache_dir)?;
+    let path = args
+        .cache_dir
+        .join(format!("{stem}-synth-{key:016x}-{q}-v{vq}.mqf"));
+    if path.exists() && MqfFile::open(&path).is_ok() {
+        return Ok(path);
+    }
+    eprintln!("synthesizing {} ...", path.display());
+    let mut opts = mipha_convert::SynthOptions::new(&args.config, &path, q);
+    opts.vision_quant = vq;
+    opts.progress = !args.json;
+    mipha_convert::synth(&opts)?;
     Ok(path)
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
+/// Machine bounds at one thread count.
+#[derive(Clone, Copy)]
+struct Bounds {
+    bandwidth: f64,
+    peaks: Peaks,
 }
 
-fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let reps = args.reps.max(1);
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+fn run(args: &Args) -> BoxResult<()> {
+    let s = settings(args);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let level = mipha_kernels::cpu::dispatch::level().name();
+    let mut header = vec![format!(
+        "machine: {}, {cores} cores, kernels dispatched to {level}",
+        cpu_model()
+    )];
+    eprintln!("{}", header[0]);
     let mut figures = Vec::new();
-    let quants = if args.model.is_some() {
-        vec!["file".to_string()]
-    } else {
-        args.quant.clone()
-    };
-    for quant in &quants {
-        let path = model_for(&args, quant)?;
-        for &threads in &args.threads {
-            let max_prompt = args.prompt.iter().copied().max().unwrap_or(1).max(1);
-            let opts = EngineOptions {
-                threads,
-                max_batch_tokens: max_prompt.min(512),
-                ..EngineOptions::default()
-            };
-            let mut load = Vec::new();
-            let mut engine = None;
-            for _ in 0..reps {
-                let t = Instant::now();
-                engine = Some(Engine::load(&path, opts.clone())?);
-                load.push(ms(t.elapsed()));
-            }
-            let engine = engine.expect("reps >= 1");
-            let threads_used = engine
-                .backend_name()
-                .split(['(', ' '])
-                .filter_map(|w| w.parse().ok())
-                .next()
-                .unwrap_or(threads);
-            let fig = |name, tokens, samples, unit| Figure {
-                name,
-                quant: quant.clone(),
-                threads: threads_used,
-                tokens,
-                samples,
-                unit,
-            };
-            figures.push(fig("load_ms", None, load, "ms"));
-            let mut logits = Vec::new();
-            for &n in &args.prompt {
-                let inputs: Vec<Input> = (0..n)
-                    .map(|i| Input::Token(100 + (i % 5000) as u32))
-                    .collect();
-                let mut samples = Vec::new();
-                for _ in 0..reps {
-                    let seq = engine.new_sequence();
-                    let t = Instant::now();
-                    engine.forward(seq, &inputs, Logits::Last, &mut logits, None)?;
-                    samples.push(n as f64 / t.elapsed().as_secs_f64());
-                    engine.release_sequence(seq)?;
-                }
-                figures.push(fig("prefill_tok_s", Some(n), samples, "tok/s"));
-            }
-            let mut samples = Vec::new();
-            for _ in 0..reps {
-                let seq = engine.new_sequence();
-                let prompt: Vec<Input> = (0..16).map(|i| Input::Token(100 + i)).collect();
-                engine.forward(seq, &prompt, Logits::Last, &mut logits, None)?;
-                let t = Instant::now();
-                for i in 0..args.gen {
-                    let tok = Input::Token(200 + (i % 1000) as u32);
-                    engine.forward(seq, &[tok], Logits::Last, &mut logits, None)?;
-                }
-                samples.push(args.gen as f64 / t.elapsed().as_secs_f64());
-                engine.release_sequence(seq)?;
-            }
-            figures.push(fig("decode_tok_s", Some(16), samples, "tok/s"));
-        }
-    }
-    if let Some(rss) = peak_rss_mb() {
-        figures.push(Figure {
-            name: "peak_rss_mb",
-            quant: quants.join(","),
-            threads: 0,
-            tokens: None,
-            samples: vec![rss],
-            unit: "MB",
+
+    // Machine probes.
+    let max_threads = s.threads.iter().copied().max().unwrap_or(1);
+    eprintln!(
+        "probing memory bandwidth ({} MiB) and peak rates ...",
+        s.probe_bytes >> 20
+    );
+    let buf = probe::ReadBuffer::new(s.probe_bytes, max_threads);
+    let bw: Vec<_> = s
+        .threads
+        .iter()
+        .map(|&t| probe::mem_read_gb_s(&buf, t, s.probe_time))
+        .collect();
+    drop(buf);
+    let fma = probe::f32_fma_gflop_s(&s.threads, s.probe_time);
+    let int8 = probe::int8_dot_gop_s(&s.threads, s.probe_time);
+    let mut bounds = Vec::new();
+    for (i, &t) in s.threads.iter().enumerate() {
+        bounds.push(Bounds {
+            bandwidth: bw[i].best() * 1e9,
+            peaks: Peaks {
+                f32_flops: fma[i].best() * 1e9,
+                int8_ops: int8[i].best() * 1e9,
+            },
         });
-    }
-    for f in &figures {
-        let (med, min, max) = f.stats();
-        if args.json {
-            println!(
-                "{}",
-                serde_json::json!({
-                    "figure": f.name, "quant": f.quant, "threads": f.threads,
-                    "tokens": f.tokens, "median": med, "min": min, "max": max,
-                })
-            );
+        header.push(format!(
+            "  {t} thread{}: memory read {:.1} GB/s, f32 FMA {:.1} GFLOP/s ({}), int8 dot {:.1} GOP/s ({})",
+            if t == 1 { "" } else { "s" },
+            bw[i].best(),
+            fma[i].best(),
+            fma[i].isa,
+            int8[i].best(),
+            int8[i].isa
+        ));
+        for (name, unit, r, note) in [
+            (
+                "mem_read_gb_s",
+                "GB/s",
+                &bw[i],
+                format!("{} MiB buffer, {} loads", s.probe_bytes >> 20, bw[i].isa),
+            ),
+            (
+                "f32_fma_gflop_s",
+                "GFLOP/s",
+                &fma[i],
+                fma[i].isa.to_string(),
+            ),
+            ("int8_dot_gop_s", "GOP/s", &int8[i], int8[i].isa.to_string()),
+        ] {
+            figures.push(Figure {
+                name,
+                quant: None,
+                vision_quant: None,
+                threads: t,
+                tokens: None,
+                unit,
+                samples: r.samples.clone(),
+                bound: None,
+                note: Some(note),
+            });
         }
     }
-    if !args.json {
-        println!(
-            "{:<15} {:>6} {:>7} {:>7} {:>28}",
-            "figure", "quant", "threads", "tokens", "median (min-max)"
-        );
+    for h in &header[1..] {
+        eprintln!("{h}");
+    }
+
+    // The models.
+    let models: Vec<(Option<String>, PathBuf)> = match &args.model {
+        Some(m) => vec![(None, m.clone())],
+        None => s
+            .quants
+            .iter()
+            .map(|q| Ok((Some(q.clone()), synthesized(args, q)?)))
+            .collect::<BoxResult<_>>()?,
+    };
+    let mut failures = Vec::new();
+    for (_, path) in &models {
+        let file = MqfFile::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let cost = ModelCost::of(&file)?;
+        drop(file);
+        let quant = cost.lm_quant.to_string();
+        let vq = cost.vision_quant.map(|q| q.to_string());
+        header.push(format!(
+            "model {quant}: {} ({:.2} GB; language model {quant}, vision tower and projector {}; \
+             a decoded token reads {:.2} GB of weights)",
+            path.display(),
+            cost.file_bytes as f64 / 1e9,
+            vq.as_deref().unwrap_or("none"),
+            cost.lm_stream_bytes as f64 / 1e9,
+        ));
+        eprintln!("{}", header.last().expect("pushed"));
+        for (i, &t) in s.threads.iter().enumerate() {
+            let (raws, ok) = spawn_worker(path, t, &s.spec)?;
+            if let Err(e) = ok {
+                eprintln!("warning: {quant} at {t} threads: {e}");
+                failures.push(format!("{quant} at {t} threads: {e}"));
+            }
+            for raw in raws {
+                if raw.samples.is_empty() {
+                    continue;
+                }
+                let bound = bound_of(&raw, &cost, &bounds[i], s.spec.gen);
+                figures.push(Figure {
+                    name: raw.figure,
+                    quant: Some(quant.clone()),
+                    vision_quant: vq.clone(),
+                    threads: t,
+                    tokens: raw.tokens,
+                    unit: raw.unit,
+                    samples: raw.samples,
+                    bound,
+                    note: raw.note,
+                });
+            }
+        }
+    }
+
+    if args.json {
         for f in &figures {
-            let (med, min, max) = f.stats();
-            let tokens = f.tokens.map(|t| t.to_string()).unwrap_or_default();
-            println!(
-                "{:<15} {:>6} {:>7} {:>7} {:>14.2} ({:.2}-{:.2}) {}",
-                f.name, f.quant, f.threads, tokens, med, min, max, f.unit
-            );
+            println!("{}", f.json());
         }
+    } else {
+        print_table(&header, &figures);
     }
-    Ok(())
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("some measurements failed: {}", failures.join("; ")).into())
+    }
 }
 
-/// Peak resident set of this process (VmHWM), where /proc offers it.
-fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+/// Runs the measurements of `model` at `threads` in a child process; returns
+/// what it reported, and whether it finished.
+fn spawn_worker(
+    model: &Path,
+    threads: usize,
+    spec: &Spec,
+) -> BoxResult<(Vec<Raw>, Result<(), String>)> {
+    let list = |v: &[usize]| {
+        let v: Vec<String> = v.iter().map(|n| n.to_string()).collect();
+        if v.is_empty() {
+            "0".to_string()
+        } else {
+            v.join(",")
+        }
+    };
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("--worker")
+        .arg("--model")
+        .arg(model)
+        .args(["--threads", &threads.to_string()])
+        .args(["--reps", &spec.reps.to_string()])
+        .args(["--prompt", &list(&spec.prompts)])
+        .args(["--decode-ctx", &list(&spec.decode_ctx)])
+        .args(["--gen", &spec.gen.to_string()])
+        .args(["--question", &spec.question]);
+    match &spec.image {
+        Some(img) => cmd.arg("--image").arg(img),
+        None => cmd.arg("--no-image"),
+    };
+    if !spec.ttft {
+        cmd.arg("--no-ttft");
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut raws = Vec::new();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        match serde_json::from_str(&line)
+            .ok()
+            .and_then(|v| Raw::from_json(&v))
+        {
+            Some(r) => raws.push(r),
+            None => eprintln!("warning: unexpected worker output: {line}"),
+        }
+    }
+    let status = child.wait()?;
+    let ok = if status.success() {
+        Ok(())
+    } else {
+        Err(format!("the measuring process exited with {status}"))
+    };
+    Ok((raws, ok))
+}
+
+/// The bound of a figure in its own unit, where it has one.
+fn bound_of(raw: &Raw, cost: &ModelCost, b: &Bounds, gen: usize) -> Option<f64> {
+    match raw.figure {
+        "decode_tok_s" => Some(cost.decode_bound(b.bandwidth, raw.tokens?, gen)),
+        "prefill_tok_s" => Some(cost.prefill_bound(raw.tokens?, &b.peaks)),
+        "vision_encode_ms" => {
+            let tower = cost.tower_seconds(&b.peaks)?;
+            let with_projector = raw.note.as_deref() == Some("tower + projector");
+            let proj = if with_projector {
+                cost.projector_seconds(&b.peaks)?
+            } else {
+                0.0
+            };
+            Some((tower + proj) * 1e3)
+        }
+        "projector_ms" => Some(cost.projector_seconds(&b.peaks)? * 1e3),
+        _ => None,
+    }
+}
+
+fn fmt_num(v: f64) -> String {
+    let a = v.abs();
+    if a >= 1000.0 {
+        format!("{v:.0}")
+    } else if a >= 100.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn print_table(header: &[String], figures: &[Figure]) {
+    for h in header {
+        println!("{h}");
+    }
+    println!();
+    println!(
+        "{:<19} {:<5} {:>7} {:>6}  {:<34} {:>8}  note",
+        "figure", "quant", "threads", "tokens", "median (min–max)", "of bound"
+    );
+    for f in figures {
+        let (med, min, max) = f.stats();
+        let value = format!(
+            "{} ({}–{}) {}",
+            fmt_num(med),
+            fmt_num(min),
+            fmt_num(max),
+            f.unit
+        );
+        let frac = f
+            .bound_fraction()
+            .map_or_else(String::new, |x| format!("{:.1}%", x * 100.0));
+        println!(
+            "{:<19} {:<5} {:>7} {:>6}  {:<34} {:>8}  {}",
+            f.name,
+            f.quant.as_deref().unwrap_or("-"),
+            f.threads,
+            f.tokens.map_or_else(String::new, |t| t.to_string()),
+            value,
+            frac,
+            f.note.as_deref().unwrap_or("")
+        );
+    }
+    println!();
+    println!(
+        "Bounds: decode = memory read bandwidth ÷ bytes per token (language-model weights, one \
+         embedding row, K and V rows at the average context, f32); prefill = (2 × matmul params per \
+         position + 4 × context × hidden per position and layer for attention) ÷ peak; vision = \
+         (2 × tower or projector params × patches + 4 × patches² × hidden per layer) ÷ peak. Matmuls \
+         with Q8_0/Q4_0 weights use the int8 dot peak, others and attention the f32 FMA peak. \
+         vision_encode_ms is the SigLIP tower alone when a projector_ms row follows (split at \
+         the tower's last hidden-state tap). ttft_image_ms: image file to first token (decode, \
+         preprocess, tower, projector, tokenize, prefill, first sample)."
+    );
 }
