@@ -119,7 +119,7 @@ impl Engine {
         let max_outputs = options.max_outputs.min(options.max_batch_tokens);
         let plan = PhiForCausalLM::plan(&config, options.max_batch_tokens, max_outputs);
         let bind = BindOptions {
-            repack: options.int8_activations,
+            int8_activations: options.int8_activations,
         };
         let weights = Weights::bind_with(&plan, file.clone(), bind)?;
         let blocks_per_seq = config

@@ -266,19 +266,23 @@ pub struct Weights {
     packed: Vec<Option<PackedMatrix>>,
 }
 
-/// How [`Weights::bind_with`] prepares weights.
+/// How [`Weights::bind_with`] prepares weights. Matmul weights stored as F16 or
+/// BF16 are always repacked into the panel layout of the CPU kernels (same math:
+/// f32 activations).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BindOptions {
     /// Repack Q8_0/Q4_0 matmul weights for the CPU's int8 kernels (activations
     /// quantized to int8 per 32-block, as llama.cpp does). Off: those weights are
     /// read in place and multiplied with f32 activations (slower; exact against a
     /// dequantized-weights oracle).
-    pub repack: bool,
+    pub int8_activations: bool,
 }
 
 impl Default for BindOptions {
     fn default() -> Self {
-        BindOptions { repack: true }
+        BindOptions {
+            int8_activations: true,
+        }
     }
 }
 
@@ -333,17 +337,20 @@ impl Weights {
             });
         }
         let mut packed: Vec<Option<PackedMatrix>> = (0..raw.len()).map(|_| None).collect();
-        if options.repack {
-            for op in &plan.ops {
-                if let Op::MatMul { w, .. } = op {
-                    let r = raw[w.0];
-                    if packed[w.0].is_none() && matches!(r.ty, QuantType::Q8_0 | QuantType::Q4_0) {
-                        // SAFETY: as in `get`.
-                        let data = unsafe { std::slice::from_raw_parts(r.ptr, r.len) };
-                        let view = mipha_kernels::WeightView::new(r.ty, data, r.rows, r.cols);
-                        packed[w.0] = PackedMatrix::pack(view);
-                        file.release(data);
-                    }
+        for op in &plan.ops {
+            if let Op::MatMul { w, .. } = op {
+                let r = raw[w.0];
+                let wanted = match r.ty {
+                    QuantType::Q8_0 | QuantType::Q4_0 => options.int8_activations,
+                    QuantType::F16 | QuantType::BF16 => true,
+                    QuantType::F32 => false,
+                };
+                if wanted && packed[w.0].is_none() {
+                    // SAFETY: as in `get`.
+                    let data = unsafe { std::slice::from_raw_parts(r.ptr, r.len) };
+                    let view = mipha_kernels::WeightView::new(r.ty, data, r.rows, r.cols);
+                    packed[w.0] = PackedMatrix::pack(view);
+                    file.release(data);
                 }
             }
         }

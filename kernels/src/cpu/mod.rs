@@ -9,6 +9,7 @@
 
 mod attention;
 pub mod dispatch;
+mod fgemm;
 mod math;
 mod matmul;
 mod qgemm;
@@ -33,10 +34,11 @@ pub fn matmul(x: &[f32], m: usize, w: WeightView, bias: Option<&[f32]>, out: &mu
     matmul::matmul(x, m, w, bias, out)
 }
 
-/// [`matmul`] for a Q8_0/Q4_0 matrix repacked by [`PackedMatrix::pack`]: the
-/// activations are quantized per 32-block to int8 and multiplied with integer
-/// dots (`vpdpbusd` / `maddubs`), as [`reference::matmul_int8`] defines, on the
-/// best kernel this CPU has.
+/// [`matmul`] for a matrix repacked by [`PackedMatrix::pack`], on the best
+/// kernel this CPU has. Q8_0/Q4_0: the activations are quantized per 32-block
+/// to int8 and multiplied with integer dots (`vpdpbusd` / `maddubs`), as
+/// [`reference::matmul_int8`] defines. F16/BF16: f32 activations and FMAs, as
+/// [`reference::matmul`].
 pub fn matmul_packed(x: &[f32], m: usize, w: &PackedMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
     qgemm::matmul_packed(dispatch::level(), x, m, w, bias, out)
 }

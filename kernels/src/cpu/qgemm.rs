@@ -36,8 +36,9 @@ const MC: usize = 64;
 #[derive(Clone, Copy)]
 struct Line([u8; 64]);
 
-/// A Q8_0 or Q4_0 matrix repacked for [`matmul_packed`]; built once per weight
-/// at load time (never stored in a file).
+/// A Q8_0, Q4_0, F16 or BF16 matrix repacked for [`matmul_packed`] (the float
+/// layout is in `fgemm`); built once per weight at load time, never stored in a
+/// file.
 pub struct PackedMatrix {
     ty: QuantType,
     rows: usize,
@@ -65,20 +66,33 @@ fn quant_bytes(ty: QuantType) -> Option<usize> {
 }
 
 impl PackedMatrix {
-    /// Repacks `w`; `None` for types without an integer kernel.
+    /// Repacks `w`; `None` for types without a panel kernel (F32).
     pub fn pack(w: WeightView) -> Option<Self> {
+        let panels = w.rows.div_ceil(PANEL);
+        if matches!(w.ty, QuantType::F16 | QuantType::BF16) {
+            let panel_bytes = w.cols * PANEL * 2;
+            let mut data = vec![Line([0; 64]); (panels * panel_bytes).div_ceil(64)];
+            super::fgemm::pack(
+                &w,
+                &mut Self::as_bytes_mut(&mut data)[..panels * panel_bytes],
+            );
+            return Some(PackedMatrix {
+                ty: w.ty,
+                rows: w.rows,
+                cols: w.cols,
+                nb: 0,
+                panels,
+                block_bytes: 0,
+                data,
+            });
+        }
         let qb = quant_bytes(w.ty)?;
         let src_block = w.ty.block_bytes();
         let nb = w.cols.div_ceil(QK);
-        let panels = w.rows.div_ceil(PANEL);
         let block_bytes = 32 + PANEL * qb;
         let panel_bytes = nb * block_bytes;
         let mut data = vec![Line([0; 64]); (panels * panel_bytes).div_ceil(64)];
-        // SAFETY: Line is 64 plain bytes; the slice covers exactly the allocation.
-        let bytes: &mut [u8] = unsafe {
-            std::slice::from_raw_parts_mut(data.as_mut_ptr() as *mut u8, data.len() * 64)
-        };
-        let bytes = &mut bytes[..panels * panel_bytes];
+        let bytes = &mut Self::as_bytes_mut(&mut data)[..panels * panel_bytes];
         if panel_bytes > 0 {
             bytes
                 .par_chunks_mut(panel_bytes)
@@ -107,6 +121,16 @@ impl PackedMatrix {
             block_bytes,
             data,
         })
+    }
+
+    fn as_bytes_mut(data: &mut [Line]) -> &mut [u8] {
+        // SAFETY: Line is 64 plain bytes; the slice covers exactly the allocation.
+        unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr() as *mut u8, data.len() * 64) }
+    }
+
+    pub(super) fn bytes(&self) -> &[u8] {
+        // SAFETY: as in as_bytes_mut.
+        unsafe { std::slice::from_raw_parts(self.data.as_ptr() as *const u8, self.data.len() * 64) }
     }
 
     pub fn ty(&self) -> QuantType {
@@ -193,7 +217,7 @@ thread_local! {
 /// Writes 16 columns at a time into `out` rows of `n` from several threads;
 /// every task owns a disjoint set of columns.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 // SAFETY: tasks write disjoint column ranges of the output.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
@@ -230,11 +254,29 @@ pub(crate) fn matmul_packed(
     } else {
         super::dispatch::best_up_to(level)
     };
+    let tasks = rayon::current_num_threads().min(w.panels).max(1);
+    if matches!(w.ty, QuantType::F16 | QuantType::BF16) {
+        let job = super::fgemm::FJob {
+            w,
+            x,
+            m,
+            bias,
+            out: OutPtr(out.as_mut_ptr()),
+        };
+        // SAFETY: level is supported by this CPU; panel ranges are disjoint.
+        let run =
+            |t: usize| unsafe { job.run(level, w.panels * t / tasks, w.panels * (t + 1) / tasks) };
+        if tasks == 1 {
+            run(0);
+        } else {
+            (0..tasks).into_par_iter().with_min_len(1).for_each(run);
+        }
+        return;
+    }
     let mut acts = ACTS.take();
     let unsigned_copy =
         w.ty == QuantType::Q8_0 && matches!(level, Level::AvxVnni | Level::Avx512Vnni);
     acts.quantize(x, m, w.cols, unsigned_copy);
-    let tasks = rayon::current_num_threads().min(w.panels).max(1);
     let job = Job {
         w,
         acts: &acts,

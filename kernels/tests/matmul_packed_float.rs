@@ -1,0 +1,71 @@
+//! F16 and BF16 weights repacked into 16-row panels (`cpu::matmul_packed`)
+//! against `reference::matmul` on **every kernel path this CPU has**. Both use
+//! the stored weights exactly and f32 activations; the reference sums in f64.
+//! Tolerance per output: |got - want| <= 1e-5 * (sum_k |x_k w_k| + |b|).
+//! Shapes cross the kernel's blocking: k past one 512-element block, m past
+//! one 128-row chunk, rows past a panel, every micro-tile remainder.
+
+mod common;
+
+use common::{quantize_matrix, Rng};
+use mipha_kernels::cpu::dispatch::available;
+use mipha_kernels::cpu::{self, PackedMatrix};
+use mipha_kernels::quant::dequantize_row;
+use mipha_kernels::{reference, QuantType, WeightView};
+
+fn magnitudes(x: &[f32], m: usize, w: &WeightView, bias: Option<&[f32]>) -> Vec<f32> {
+    let mut wabs = vec![0.0f32; w.rows * w.cols];
+    for (j, row) in wabs.chunks_exact_mut(w.cols).enumerate() {
+        dequantize_row(w.ty, w.row(j), row);
+        row.iter_mut().for_each(|v| *v = v.abs());
+    }
+    let xabs: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+    let babs: Option<Vec<f32>> = bias.map(|b| b.iter().map(|v| v.abs()).collect());
+    let view = WeightView::new(QuantType::F32, bytemuck::cast_slice(&wabs), w.rows, w.cols);
+    let mut mag = vec![0.0f32; m * w.rows];
+    reference::matmul(&xabs, m, view, babs.as_deref(), &mut mag);
+    mag
+}
+
+#[test]
+fn every_path_matches_the_reference() {
+    let levels = available();
+    let mut rng = Rng::new(31);
+    let shapes = [(1, 1), (5, 7), (16, 32), (17, 513), (40, 1100), (33, 96)];
+    let ms = [1, 2, 3, 5, 8, 9, 17, 131];
+    for ty in [QuantType::F16, QuantType::BF16] {
+        for &(n, k) in &shapes {
+            for &m in &ms {
+                if k >= 1100 && m > 17 {
+                    continue;
+                }
+                let w = rng.vec_normal(n * k, 0.5);
+                let mut storage = vec![0u8; 1];
+                storage.extend(quantize_matrix(ty, &w, n, k));
+                let view = WeightView::new(ty, &storage[1..], n, k);
+                let x = rng.vec_normal(m * k, 1.0);
+                let bias = (m % 2 == 1).then(|| rng.vec_normal(n, 1.0));
+                let packed = PackedMatrix::pack(view).expect("F16/BF16 pack");
+                let mut want = vec![0.0f32; m * n];
+                reference::matmul(&x, m, view, bias.as_deref(), &mut want);
+                let mag = magnitudes(&x, m, &view, bias.as_deref());
+                for &level in &levels {
+                    let mut got = vec![f32::NAN; m * n];
+                    cpu::matmul_packed_at(level, &x, m, &packed, bias.as_deref(), &mut got);
+                    for i in 0..m * n {
+                        let err = (got[i] - want[i]).abs();
+                        assert!(
+                            err <= 1e-5 * mag[i] + 1e-30,
+                            "{} {ty} n={n} k={k} m={m}: out[{}] = {} want {} (mag {})",
+                            level.name(),
+                            i,
+                            got[i],
+                            want[i],
+                            mag[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
