@@ -111,6 +111,9 @@ struct Args {
     /// One JSON object per line and figure.
     #[arg(long)]
     json: bool,
+    /// Also write the JSON lines to this file (with the table on stdout).
+    #[arg(long)]
+    json_out: Option<PathBuf>,
     /// Internal: measure --model at one thread count, print raw samples.
     #[arg(long, hide = true)]
     worker: bool,
@@ -311,13 +314,22 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
+/// The 1, 5 and 15 minute load averages: other work on the machine skews every figure.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn run(args: &Args) -> BoxResult<()> {
     let s = settings(args);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let level = mipha_kernels::cpu::dispatch::level().name();
     let mut header = vec![format!(
-        "machine: {}, {cores} cores, kernels dispatched to {level}",
-        cpu_model()
+        "machine: {}, {cores} cores, kernels dispatched to {level}; load average at the start: {}",
+        cpu_model(),
+        load_average()
     )];
     eprintln!("{}", header[0]);
     let mut figures = Vec::new();
@@ -438,7 +450,13 @@ fn run(args: &Args) -> BoxResult<()> {
         }
     }
 
+    header.push(format!("load average at the end: {}", load_average()));
+    if let Some(path) = &args.json_out {
+        let lines: String = figures.iter().map(|f| format!("{}\n", f.json())).collect();
+        std::fs::write(path, lines).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     if args.json {
+        eprintln!("{}", header.last().expect("pushed"));
         for f in &figures {
             println!("{}", f.json());
         }
