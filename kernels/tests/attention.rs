@@ -4,7 +4,12 @@
 //! written here (f64 throughout; |err| <= 1e-6 abs + 1e-6 rel), then cpu::attention
 //! against the reference (|err| <= 1e-5 abs + 1e-5 rel: f32 scores, exp and sums on
 //! outputs of order 1). The pool's unused rows hold NaN, so reading any slot outside
-//! the sequence's blocks poisons the result.
+//! the sequence's blocks poisons the result, and every output buffer starts as NaN,
+//! so an element the kernel fails to write shows up too.
+//!
+//! `cpu::attention` runs at the CPU's best dispatch level; the `every_level` test
+//! reruns the cpu tests in child processes with `MIPHA_CPU` set to each lower level
+//! this machine has, so one `cargo test` covers every kernel build.
 
 mod common;
 
@@ -207,5 +212,121 @@ fn incremental_decode_matches_full_prefill() {
             1e-6,
             1e-6,
         );
+    }
+}
+
+/// Shapes aimed at the CPU kernel's paths: query tiles (8, 16 or 32 rows) that do
+/// not divide the tokens, key tiles (48 positions) across block edges, the causal
+/// diagonal inside a tile, head_dims with SIMD tails, the rows path (fewer than 4
+/// query rows; online softmax over chunks of 256 keys) and its split over the
+/// keys for long contexts with few heads.
+const CPU_CASES: [Case; 15] = [
+    // SigLIP: 729 tokens in one block of 729 (as the vision tower passes them),
+    // head_dim 72, no mask; fewer heads than the model's 16 to keep the f64
+    // reference quick.
+    case(729, 0, false, (2, 2), 72, 729),
+    // Phi-2: a causal prefill chunk after a cached prefix, block size 16.
+    case(70, 45, true, (4, 4), 80, 16),
+    case(100, 0, true, (3, 3), 80, 16),
+    // Odd head_dim (no full SIMD vector at all, then a tail), GQA, odd block sizes.
+    case(37, 0, true, (4, 2), 13, 5),
+    case(45, 11, false, (6, 3), 13, 7),
+    case(33, 2, true, (2, 1), 3, 4),
+    case(17, 30, true, (4, 1), 20, 16),
+    case(41, 0, true, (8, 2), 80, 48),
+    // The rows path: decode and two or three rows, with GQA and a tail.
+    case(1, 200, true, (4, 2), 13, 16),
+    case(3, 60, false, (2, 2), 80, 9),
+    case(2, 99, true, (8, 8), 80, 16),
+    case(1, 600, true, (8, 4), 80, 16),
+    // Long contexts with few (row, head) tasks: split over the keys.
+    case(1, 1150, true, (2, 1), 80, 16),
+    case(2, 1300, true, (1, 1), 72, 32),
+    case(1, 1100, false, (3, 3), 13, 16),
+];
+
+#[test]
+fn cpu_matches_reference_at_kernel_shapes() {
+    let mut rng = Rng::new(73);
+    for c in &CPU_CASES {
+        let d = data(c, &mut rng);
+        let (kp, vp, table) = paged(c, &d, &mut rng);
+        let kv = KvView {
+            k: &kp,
+            v: &vp,
+            block_size: c.block_size,
+            block_table: &table,
+            kv_dim: c.n_kv_heads * c.head_dim,
+        };
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let want = run(c, &d, &kv, scale, reference::attention);
+        // Twice, so the second call runs on the scratch the first one left.
+        for pass in 0..2 {
+            let got = run(c, &d, &kv, scale, cpu::attention);
+            assert_close(&format!("cpu {c:?} pass {pass}"), &got, &want, 1e-5, 1e-5);
+        }
+    }
+}
+
+/// Large and very negative scores: rows whose softmax is one-hot, and scores far
+/// enough below the row max that their exponentials underflow.
+#[test]
+fn cpu_matches_reference_for_peaky_scores() {
+    let mut rng = Rng::new(74);
+    for c in [
+        case(40, 0, true, (2, 2), 80, 16),
+        case(3, 700, true, (8, 8), 80, 16),
+        case(1, 1200, true, (1, 1), 80, 16),
+    ] {
+        let mut d = data(&c, &mut rng);
+        d.q.iter_mut().for_each(|x| *x *= 20.0);
+        let (kp, vp, table) = paged(&c, &d, &mut rng);
+        let kv = KvView {
+            k: &kp,
+            v: &vp,
+            block_size: c.block_size,
+            block_table: &table,
+            kv_dim: c.n_kv_heads * c.head_dim,
+        };
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let want = run(&c, &d, &kv, scale, reference::attention);
+        let got = run(&c, &d, &kv, scale, cpu::attention);
+        // Scores of order 100: an f32 score differs from the f64-dot reference by
+        // about 1e-5 absolute, which moves the near-one-hot weights by as much.
+        assert_close(&format!("cpu {c:?}"), &got, &want, 1e-4, 1e-4);
+    }
+}
+
+/// Reruns the cpu tests at every dispatch level below the CPU's best (the parent
+/// run covers the best), each in a child process with `MIPHA_CPU` set.
+#[test]
+fn every_level() {
+    use mipha_kernels::cpu::dispatch::{available, level};
+    if std::env::var_os("MIPHA_CPU").is_some() {
+        return; // a child, or a run pinned to one level on purpose
+    }
+    let exe = std::env::current_exe().unwrap();
+    for l in available().into_iter().filter(|&l| l < level()) {
+        for test in [
+            "reference_and_cpu_match_naive_contiguous",
+            "incremental_decode_matches_full_prefill",
+            "cpu_matches_reference_at_kernel_shapes",
+            "cpu_matches_reference_for_peaky_scores",
+        ] {
+            let out = std::process::Command::new(&exe)
+                .args(["--exact", test, "--test-threads", "1"])
+                .env("MIPHA_CPU", l.name())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{test} at MIPHA_CPU={}:\n{}{}",
+                l.name(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(stdout.contains("1 passed"), "{test} did not run:\n{stdout}");
+        }
     }
 }
