@@ -8,7 +8,7 @@ use std::time::Instant;
 use mipha_kernels::cpu::dispatch::available;
 use mipha_kernels::cpu::{self, PackedMatrix};
 use mipha_kernels::quant::quantize_row;
-use mipha_kernels::{QuantType, WeightView};
+use mipha_kernels::{Epilogue, QuantType, WeightView};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -65,7 +65,7 @@ fn main() {
             if let Some(p) = &packed {
                 for level in available() {
                     let t = time(reps, || {
-                        cpu::matmul_packed_at(level, &x, m, p, None, &mut out)
+                        cpu::matmul_packed_at(level, &x, m, p, None, Epilogue::Store, &mut out)
                     });
                     print!(" | {} {:.1}", level.name(), flop / t / 1e9);
                 }

@@ -10,6 +10,21 @@ pub mod reference;
 
 pub use quant::{BlockQ4_0, BlockQ8_0, QuantType, QK};
 
+/// What a matmul does with each result `v = x . w + b` as it writes it, so the
+/// activation or the residual add costs no extra pass over memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Epilogue {
+    /// `out = v`
+    #[default]
+    Store,
+    /// `out = gelu_tanh(v)` (HF `gelu_new` / `gelu_pytorch_tanh`)
+    GeluTanh,
+    /// `out = gelu_erf(v)` (torch `nn.GELU()`)
+    GeluErf,
+    /// `out += v` (a residual connection)
+    Accumulate,
+}
+
 /// Borrowed weight matrix `[rows = n, cols = k logical]` in its stored layout: each
 /// row is `row_stride` bytes (`ty.row_bytes(cols)`; Q8_0/Q4_0 rows are padded with
 /// zeros to whole 32-blocks).

@@ -14,7 +14,7 @@ use common::{quantize_matrix, Rng};
 use mipha_kernels::cpu::dispatch::{available, Level};
 use mipha_kernels::cpu::{self, PackedMatrix};
 use mipha_kernels::quant::dequantize_row;
-use mipha_kernels::{reference, QuantType, WeightView};
+use mipha_kernels::{reference, Epilogue, QuantType, WeightView};
 
 /// (n, k): rows past a panel, partial blocks, one block, many blocks.
 const SHAPES: [(usize, usize); 8] = [
@@ -85,7 +85,15 @@ impl Case {
 
 fn check_level(level: Level, c: &Case, packed: &PackedMatrix, want: &[f32], mag: &[f32]) {
     let mut got = vec![f32::NAN; c.m * c.n];
-    cpu::matmul_packed_at(level, &c.x, c.m, packed, c.bias.as_deref(), &mut got);
+    cpu::matmul_packed_at(
+        level,
+        &c.x,
+        c.m,
+        packed,
+        c.bias.as_deref(),
+        Epilogue::Store,
+        &mut got,
+    );
     for i in 0..c.m * c.n {
         let err = (got[i] - want[i]).abs();
         assert!(
@@ -143,6 +151,7 @@ fn default_path_is_the_dispatched_one() {
         c.m,
         &packed,
         c.bias.as_deref(),
+        Epilogue::Store,
         &mut b,
     );
     assert_eq!(a, b);
@@ -198,4 +207,58 @@ fn other_types_are_not_packed_and_empty_shapes_work() {
     cpu::matmul_packed(&c.x, 2, &packed, c.bias.as_deref(), &mut out);
     assert_eq!(&out[..3], c.bias.as_deref().unwrap());
     assert_eq!(&out[3..], c.bias.as_deref().unwrap());
+}
+
+/// The fused epilogues equal the separate ops: GELU (tanh, erf) of the result,
+/// and `out += result` on top of what `out` held, on every path.
+#[test]
+fn epilogues_equal_the_separate_ops() {
+    let mut rng = Rng::new(25);
+    for ty in [QuantType::Q4_0, QuantType::Q8_0] {
+        let c = Case::new(ty, 37, 200, 9, &mut rng);
+        let packed = PackedMatrix::pack(c.view()).unwrap();
+        for level in available() {
+            let mut plain = vec![0.0f32; c.m * c.n];
+            cpu::matmul_packed_at(
+                level,
+                &c.x,
+                c.m,
+                &packed,
+                c.bias.as_deref(),
+                Epilogue::Store,
+                &mut plain,
+            );
+            for (epi, gelu) in [
+                (
+                    Epilogue::GeluTanh,
+                    Some(reference::gelu_tanh as fn(&mut [f32])),
+                ),
+                (
+                    Epilogue::GeluErf,
+                    Some(reference::gelu_erf as fn(&mut [f32])),
+                ),
+                (Epilogue::Accumulate, None),
+            ] {
+                let resid = rng.vec_normal(c.m * c.n, 1.0);
+                let mut want = plain.clone();
+                match gelu {
+                    Some(f) => f(&mut want),
+                    None => want.iter_mut().zip(&resid).for_each(|(w, r)| *w += r),
+                }
+                let mut got = if gelu.is_some() {
+                    vec![f32::NAN; c.m * c.n]
+                } else {
+                    resid.clone()
+                };
+                cpu::matmul_packed_at(level, &c.x, c.m, &packed, c.bias.as_deref(), epi, &mut got);
+                common::assert_close(
+                    &format!("{} {ty} {epi:?}", level.name()),
+                    &got,
+                    &want,
+                    1e-5,
+                    1e-5,
+                );
+            }
+        }
+    }
 }

@@ -11,7 +11,7 @@ use common::{quantize_matrix, Rng};
 use mipha_kernels::cpu::dispatch::available;
 use mipha_kernels::cpu::{self, PackedMatrix};
 use mipha_kernels::quant::dequantize_row;
-use mipha_kernels::{reference, QuantType, WeightView};
+use mipha_kernels::{reference, Epilogue, QuantType, WeightView};
 
 fn magnitudes(x: &[f32], m: usize, w: &WeightView, bias: Option<&[f32]>) -> Vec<f32> {
     let mut wabs = vec![0.0f32; w.rows * w.cols];
@@ -51,7 +51,15 @@ fn every_path_matches_the_reference() {
                 let mag = magnitudes(&x, m, &view, bias.as_deref());
                 for &level in &levels {
                     let mut got = vec![f32::NAN; m * n];
-                    cpu::matmul_packed_at(level, &x, m, &packed, bias.as_deref(), &mut got);
+                    cpu::matmul_packed_at(
+                        level,
+                        &x,
+                        m,
+                        &packed,
+                        bias.as_deref(),
+                        Epilogue::Store,
+                        &mut got,
+                    );
                     for i in 0..m * n {
                         let err = (got[i] - want[i]).abs();
                         assert!(
@@ -65,6 +73,65 @@ fn every_path_matches_the_reference() {
                         );
                     }
                 }
+            }
+        }
+    }
+}
+
+/// The fused epilogues equal the separate ops, also when `k` spans several
+/// cache blocks (partial sums parked in `out`) and for a residual add.
+#[test]
+fn epilogues_equal_the_separate_ops() {
+    let mut rng = Rng::new(32);
+    let (n, k, m) = (21, 1100, 5);
+    for ty in [QuantType::F16, QuantType::BF16] {
+        let w = rng.vec_normal(n * k, 0.5);
+        let data = quantize_matrix(ty, &w, n, k);
+        let view = WeightView::new(ty, &data, n, k);
+        let packed = PackedMatrix::pack(view).unwrap();
+        let x = rng.vec_normal(m * k, 1.0);
+        let bias = rng.vec_normal(n, 1.0);
+        for level in available() {
+            let mut plain = vec![0.0f32; m * n];
+            cpu::matmul_packed_at(
+                level,
+                &x,
+                m,
+                &packed,
+                Some(&bias),
+                Epilogue::Store,
+                &mut plain,
+            );
+            for (epi, gelu) in [
+                (
+                    Epilogue::GeluTanh,
+                    Some(reference::gelu_tanh as fn(&mut [f32])),
+                ),
+                (
+                    Epilogue::GeluErf,
+                    Some(reference::gelu_erf as fn(&mut [f32])),
+                ),
+                (Epilogue::Accumulate, None),
+            ] {
+                let resid = rng.vec_normal(m * n, 1.0);
+                let mut want = plain.clone();
+                match gelu {
+                    Some(f) => f(&mut want),
+                    None => want.iter_mut().zip(&resid).for_each(|(w, r)| *w += r),
+                }
+                let mut got = if gelu.is_some() {
+                    vec![f32::NAN; m * n]
+                } else {
+                    resid.clone()
+                };
+                cpu::matmul_packed_at(level, &x, m, &packed, Some(&bias), epi, &mut got);
+                common::assert_close(
+                    &format!("{} {ty} {epi:?}", level.name()),
+                    &got,
+                    &want,
+                    1e-4,
+                    1e-5,
+                );
             }
         }
     }

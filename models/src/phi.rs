@@ -2,7 +2,7 @@
 //! weight prefix; each `forward` emits the module's math as plan ops.
 
 use mipha_runtime::graph::KvShape;
-use mipha_runtime::{BufId, GeluKind, Op, Plan, PlanBuilder, Rows, WeightId};
+use mipha_runtime::{BufId, Epilogue, GeluKind, Op, Plan, PlanBuilder, Rows, WeightId};
 
 use crate::config::PhiConfig;
 
@@ -66,12 +66,31 @@ impl Linear {
     }
 
     pub fn forward_rows(&self, g: &mut PlanBuilder, x: BufId, out: BufId, rows: Rows) {
+        self.push(g, x, out, rows, Epilogue::Store);
+    }
+
+    /// `out = gelu(x · wᵀ + b)`, the activation applied as the product is written.
+    pub fn forward_gelu(&self, g: &mut PlanBuilder, x: BufId, out: BufId, kind: GeluKind) {
+        let epilogue = match kind {
+            GeluKind::Tanh => Epilogue::GeluTanh,
+            GeluKind::Erf => Epilogue::GeluErf,
+        };
+        self.push(g, x, out, Rows::All, epilogue);
+    }
+
+    /// `h += x · wᵀ + b`: a residual branch's last layer writes into the stream.
+    pub fn forward_residual(&self, g: &mut PlanBuilder, x: BufId, h: BufId) {
+        self.push(g, x, h, Rows::All, Epilogue::Accumulate);
+    }
+
+    fn push(&self, g: &mut PlanBuilder, x: BufId, out: BufId, rows: Rows, epilogue: Epilogue) {
         g.push(Op::MatMul {
             x,
             w: self.weight,
             bias: Some(self.bias),
             out,
             rows,
+            epilogue,
         });
     }
 }
@@ -83,9 +102,7 @@ struct Scratch {
     k: BufId,
     v: BufId,
     attn: BufId,
-    attn_out: BufId,
     mlp_hidden: BufId,
-    mlp_out: BufId,
 }
 
 /// Self-attention with partial rotary: q/k/v with biases, rotate-half RoPE on the
@@ -120,7 +137,8 @@ impl PhiAttention {
         }
     }
 
-    fn forward(&self, g: &mut PlanBuilder, s: &Scratch, x: BufId, out: BufId) {
+    /// `h += dense(attention(x))`
+    fn forward(&self, g: &mut PlanBuilder, s: &Scratch, x: BufId, h: BufId) {
         self.q_proj.forward(g, x, s.q);
         self.k_proj.forward(g, x, s.k);
         self.v_proj.forward(g, x, s.v);
@@ -146,7 +164,7 @@ impl PhiAttention {
             // scale on the full head_dim, not the rotary slice
             scale: 1.0 / (self.head_dim as f32).sqrt(),
         });
-        self.dense.forward(g, s.attn, out);
+        self.dense.forward_residual(g, s.attn, h);
     }
 }
 
@@ -174,13 +192,10 @@ impl PhiMlp {
         }
     }
 
-    fn forward(&self, g: &mut PlanBuilder, s: &Scratch, x: BufId, out: BufId) {
-        self.fc1.forward(g, x, s.mlp_hidden);
-        g.push(Op::Gelu {
-            x: s.mlp_hidden,
-            kind: GeluKind::Tanh,
-        });
-        self.fc2.forward(g, s.mlp_hidden, out);
+    /// `h += fc2(gelu(fc1(x)))`
+    fn forward(&self, g: &mut PlanBuilder, s: &Scratch, x: BufId, h: BufId) {
+        self.fc1.forward_gelu(g, x, s.mlp_hidden, GeluKind::Tanh);
+        self.fc2.forward_residual(g, s.mlp_hidden, h);
     }
 }
 
@@ -207,18 +222,11 @@ impl PhiDecoderLayer {
         }
     }
 
+    /// Both branches read `LN(h)`, so each adds into `h` as it finishes.
     fn forward(&self, g: &mut PlanBuilder, s: &Scratch, h: BufId) {
         self.input_layernorm.forward(g, h, s.ln);
-        self.self_attn.forward(g, s, s.ln, s.attn_out);
-        self.mlp.forward(g, s, s.ln, s.mlp_out);
-        g.push(Op::Add {
-            dst: h,
-            src: s.attn_out,
-        });
-        g.push(Op::Add {
-            dst: h,
-            src: s.mlp_out,
-        });
+        self.self_attn.forward(g, s, s.ln, h);
+        self.mlp.forward(g, s, s.ln, h);
     }
 }
 
@@ -257,9 +265,7 @@ impl PhiForCausalLM {
             k: g.buffer("k", cfg.kv_dim()),
             v: g.buffer("v", cfg.kv_dim()),
             attn: g.buffer("attn", h),
-            attn_out: g.buffer("attn_out", h),
             mlp_hidden: g.buffer("mlp_hidden", cfg.intermediate_size),
-            mlp_out: g.buffer("mlp_out", h),
         };
         g.set_kv(KvShape {
             n_layers: cfg.num_hidden_layers,

@@ -19,7 +19,6 @@ struct Scratch {
     k: BufId,
     v: BufId,
     attn: BufId,
-    attn_out: BufId,
     mlp_hidden: BufId,
 }
 
@@ -138,7 +137,6 @@ impl SiglipVisionTower {
             k: g.buffer("k", d),
             v: g.buffer("v", d),
             attn: g.buffer("attn", d),
-            attn_out: g.buffer("attn_out", d),
             mlp_hidden: g.buffer("mlp_hidden", cfg.intermediate_size),
         };
         let patches = g.buffer("patches", cfg.patch_len());
@@ -182,27 +180,16 @@ impl SiglipVisionTower {
 impl SiglipEncoderLayer {
     fn forward(&self, g: &mut PlanBuilder, s: &Scratch, h: BufId) {
         self.layer_norm1.forward(g, h, s.ln);
-        self.self_attn.forward(g, s, s.ln, s.attn_out);
-        g.push(Op::Add {
-            dst: h,
-            src: s.attn_out,
-        });
+        self.self_attn.forward(g, s, s.ln, h);
         self.layer_norm2.forward(g, h, s.ln);
-        self.mlp.fc1.forward(g, s.ln, s.mlp_hidden);
-        g.push(Op::Gelu {
-            x: s.mlp_hidden,
-            kind: GeluKind::Tanh,
-        });
-        self.mlp.fc2.forward(g, s.mlp_hidden, s.attn_out);
-        g.push(Op::Add {
-            dst: h,
-            src: s.attn_out,
-        });
+        self.mlp.fc1.forward_gelu(g, s.ln, s.mlp_hidden, GeluKind::Tanh);
+        self.mlp.fc2.forward_residual(g, s.mlp_hidden, h);
     }
 }
 
 impl SiglipAttention {
-    fn forward(&self, g: &mut PlanBuilder, s: &Scratch, x: BufId, out: BufId) {
+    /// `h += out_proj(attention(x))`
+    fn forward(&self, g: &mut PlanBuilder, s: &Scratch, x: BufId, h: BufId) {
         self.q_proj.forward(g, x, s.q);
         self.k_proj.forward(g, x, s.k);
         self.v_proj.forward(g, x, s.v);
@@ -216,17 +203,13 @@ impl SiglipAttention {
             causal: false,
             scale: 1.0 / (self.head_dim as f32).sqrt(),
         });
-        self.out_proj.forward(g, s.attn, out);
+        self.out_proj.forward_residual(g, s.attn, h);
     }
 }
 
 impl MlpProjector {
     fn forward(&self, g: &mut PlanBuilder, x: BufId, hidden: BufId, out: BufId) {
-        self.linear_0.forward(g, x, hidden);
-        g.push(Op::Gelu {
-            x: hidden,
-            kind: GeluKind::Erf,
-        });
+        self.linear_0.forward_gelu(g, x, hidden, GeluKind::Erf);
         g.push(Op::Tap {
             x: hidden,
             name: TAP_FC1_GELU.into(),

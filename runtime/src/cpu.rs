@@ -5,7 +5,7 @@ use mipha_kernels::{cpu as k, KvView};
 
 use crate::backend::{Backend, Capture, Input, Step};
 use crate::error::{Error, Result};
-use crate::graph::{BufId, GeluKind, Op, Plan, Rows, Weights};
+use crate::graph::{BufId, Epilogue, GeluKind, Op, Plan, Rows, Weights};
 
 /// Host-memory K and V pools, `[n_blocks, block_size, kv_dim]` per layer.
 struct KvStorage {
@@ -24,6 +24,8 @@ pub struct CpuBackend {
     output_rows: Vec<bool>,
     /// gathered input rows of a `Rows::Outputs` matmul
     gather: Vec<f32>,
+    /// results of an accumulating matmul over unpacked weights, before the add
+    epilogue_scratch: Vec<f32>,
     positions: Vec<usize>,
     kv: Option<KvStorage>,
     /// output buffer and length of the last step
@@ -63,7 +65,16 @@ impl CpuBackend {
         let threads = pool.current_num_threads();
         let mut output_rows = vec![false; plan.buffers.len()];
         let mut gather_width = 0;
+        let mut accumulate_width = 0;
         for op in &plan.ops {
+            if let Op::MatMul {
+                out,
+                epilogue: Epilogue::Accumulate,
+                ..
+            } = op
+            {
+                accumulate_width = accumulate_width.max(plan.buffer(*out).width);
+            }
             if let Op::MatMul {
                 x,
                 out,
@@ -112,6 +123,7 @@ impl CpuBackend {
             buffers,
             output_rows,
             gather: vec![0.0; plan.max_outputs * gather_width],
+            epilogue_scratch: vec![0.0; plan.max_tokens * accumulate_width],
             positions: Vec::with_capacity(plan.max_tokens),
             kv,
             last_output: None,
@@ -264,13 +276,33 @@ impl CpuBackend {
                     bias,
                     out,
                     rows,
+                    epilogue,
                 } => {
                     let packed = weights.packed(*w);
                     let w = weights.get(*w);
                     let bias = bias.map(|b| weights.get(b).f32s());
-                    let matmul = |x: &[f32], m: usize, out: &mut [f32]| match packed {
-                        Some(p) => k::matmul_packed(x, m, p, bias, out),
-                        None => k::matmul(x, m, w.view(), bias, out),
+                    let epilogue = *epilogue;
+                    let mut scratch = std::mem::take(&mut self.epilogue_scratch);
+                    // Packed kernels apply the epilogue as they write; weights read
+                    // in place (F32, or int8 activations off) take a second pass.
+                    let mut matmul = |x: &[f32], m: usize, out: &mut [f32]| match packed {
+                        Some(p) => k::matmul_packed_with(x, m, p, bias, epilogue, out),
+                        None => match epilogue {
+                            Epilogue::Store => k::matmul(x, m, w.view(), bias, out),
+                            Epilogue::GeluTanh => {
+                                k::matmul(x, m, w.view(), bias, out);
+                                k::gelu_tanh(out);
+                            }
+                            Epilogue::GeluErf => {
+                                k::matmul(x, m, w.view(), bias, out);
+                                k::gelu_erf(out);
+                            }
+                            Epilogue::Accumulate => {
+                                let t = &mut scratch[..out.len()];
+                                k::matmul(x, m, w.view(), bias, t);
+                                k::add_assign(out, t);
+                            }
+                        },
                     };
                     let kdim = plan.buffer(*x).width;
                     let mut o = std::mem::take(&mut self.buffers[out.0]);
@@ -298,6 +330,7 @@ impl CpuBackend {
                         }
                     }
                     self.buffers[out.0] = o;
+                    self.epilogue_scratch = scratch;
                 }
                 Op::Gelu { x, kind } => {
                     let len = self.rows(*x, n, n_out) * plan.buffer(*x).width;

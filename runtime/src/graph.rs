@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use mipha_kernels::cpu::PackedMatrix;
+pub use mipha_kernels::Epilogue;
 use mipha_kernels::QuantType;
 
 use crate::error::{Error, Result};
@@ -74,13 +75,14 @@ pub enum Op {
         eps: f32,
         out: BufId,
     },
-    /// out = x · wᵀ + bias
+    /// out = epilogue(x · wᵀ + bias): stored, through a GELU, or added to `out`
     MatMul {
         x: BufId,
         w: WeightId,
         bias: Option<WeightId>,
         out: BufId,
         rows: Rows,
+        epilogue: Epilogue,
     },
     Gelu {
         x: BufId,

@@ -12,6 +12,6 @@ pub use backend::{Backend, Capture, Input, Step};
 pub use cpu::{CpuBackend, KvConfig};
 pub use error::{Error, Result};
 pub use format::{MetaValue, Metadata, MqfFile, MqfWriter, TensorInfo, TensorRef, TensorSpec};
-pub use graph::{BindOptions, BufId, GeluKind, Op, Plan, PlanBuilder, Rows, WeightId, Weights};
+pub use graph::{BindOptions, BufId, Epilogue, GeluKind, Op, Plan, PlanBuilder, Rows, WeightId, Weights};
 pub use kv::{BlockPool, SeqId};
 pub use mipha_kernels::QuantType;

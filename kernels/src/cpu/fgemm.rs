@@ -7,8 +7,8 @@
 //! activation rows of a chunk stay in L2.
 
 use super::dispatch::Level;
-use super::qgemm::{OutPtr, PackedMatrix, PANEL};
-use crate::QuantType;
+use super::qgemm::{write_tile, OutPtr, PackedMatrix, PANEL};
+use crate::{Epilogue, QuantType};
 
 /// Activation rows per cache chunk.
 const MC: usize = 128;
@@ -41,6 +41,7 @@ pub(super) struct FJob<'a> {
     pub x: &'a [f32],
     pub m: usize,
     pub bias: Option<&'a [f32]>,
+    pub epilogue: Epilogue,
     pub out: OutPtr,
 }
 
@@ -89,6 +90,12 @@ unsafe fn sweep<I: FIsa>(job: &FJob, p0: usize, p1: usize) {
     let (n, k) = (job.w.rows(), job.w.cols());
     let panel_bytes = k * PANEL * 2;
     let base = job.w.bytes().as_ptr();
+    let accumulate = job.epilogue == Epilogue::Accumulate;
+    let epilogue = if accumulate {
+        Epilogue::Store
+    } else {
+        job.epilogue
+    };
     for i0 in (0..job.m).step_by(MC) {
         let i1 = (i0 + MC).min(job.m);
         for k0 in (0..k).step_by(KC) {
@@ -101,7 +108,9 @@ unsafe fn sweep<I: FIsa>(job: &FJob, p0: usize, p1: usize) {
                 while i < i1 {
                     let r = I::MR.min(i1 - i);
                     let mut tile = [[0.0f32; PANEL]; 8];
-                    if k0 > 0 {
+                    // Partial sums of earlier k blocks wait in `out`; a residual
+                    // add starts from what `out` holds.
+                    if k0 > 0 || accumulate {
                         for (ii, t) in tile[..r].iter_mut().enumerate() {
                             let o = job.out.0.add((i + ii) * n + c0);
                             t[..cols].copy_from_slice(std::slice::from_raw_parts(o, cols));
@@ -117,14 +126,13 @@ unsafe fn sweep<I: FIsa>(job: &FJob, p0: usize, p1: usize) {
                         7 => tile_f::<I, 7>(job, panel, i, k0, k1, &mut tile),
                         _ => tile_f::<I, 8>(job, panel, i, k0, k1, &mut tile),
                     }
-                    let last = k1 == k;
                     for (ii, t) in tile[..r].iter().enumerate() {
                         let o = job.out.0.add((i + ii) * n + c0);
-                        for (l, v) in t[..cols].iter().enumerate() {
-                            *o.add(l) = match (last, job.bias) {
-                                (true, Some(b)) => v + b[c0 + l],
-                                _ => *v,
-                            };
+                        if k1 == k {
+                            write_tile(&t[..cols], o, c0, job.bias, epilogue);
+                        } else {
+                            // partial sums stay in `out` between k blocks
+                            std::ptr::copy_nonoverlapping(t.as_ptr(), o, cols);
                         }
                     }
                     i += r;

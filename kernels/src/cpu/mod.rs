@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use wide::f32x8;
 
 use crate::reference;
-pub use crate::{KvView, WeightView};
+pub use crate::{Epilogue, KvView, WeightView};
 use math::{load, map_in_place, store};
 pub use qgemm::{PackedMatrix, PANEL};
 
@@ -40,20 +40,34 @@ pub fn matmul(x: &[f32], m: usize, w: WeightView, bias: Option<&[f32]>, out: &mu
 /// [`reference::matmul_int8`] defines. F16/BF16: f32 activations and FMAs, as
 /// [`reference::matmul`].
 pub fn matmul_packed(x: &[f32], m: usize, w: &PackedMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
-    qgemm::matmul_packed(dispatch::level(), x, m, w, bias, out)
+    qgemm::matmul_packed(dispatch::level(), x, m, w, bias, Epilogue::Store, out)
 }
 
-/// [`matmul_packed`] on a chosen kernel path (lowered to what the CPU supports),
-/// so tests and benchmarks can run every path on one machine.
+/// [`matmul_packed`] with an [`Epilogue`] applied as each result is written
+/// (`Accumulate` reads `out` first), on a chosen kernel path (lowered to what
+/// the CPU supports), so tests and benchmarks can run every path on one machine.
 pub fn matmul_packed_at(
     level: dispatch::Level,
     x: &[f32],
     m: usize,
     w: &PackedMatrix,
     bias: Option<&[f32]>,
+    epilogue: Epilogue,
     out: &mut [f32],
 ) {
-    qgemm::matmul_packed(level, x, m, w, bias, out)
+    qgemm::matmul_packed(level, x, m, w, bias, epilogue, out)
+}
+
+/// [`matmul_packed`] with an [`Epilogue`], on the dispatched path.
+pub fn matmul_packed_with(
+    x: &[f32],
+    m: usize,
+    w: &PackedMatrix,
+    bias: Option<&[f32]>,
+    epilogue: Epilogue,
+    out: &mut [f32],
+) {
+    qgemm::matmul_packed(dispatch::level(), x, m, w, bias, epilogue, out)
 }
 
 /// Row-wise LayerNorm over rows of `cols` elements (`rows = x.len() / cols`).

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 
 use super::dispatch::Level;
 use crate::quant::quantize_act_block;
-use crate::{QuantType, WeightView, QK};
+use crate::{Epilogue, QuantType, WeightView, QK};
 
 /// Weight rows per panel.
 pub const PANEL: usize = 16;
@@ -230,6 +230,7 @@ pub(crate) fn matmul_packed(
     m: usize,
     w: &PackedMatrix,
     bias: Option<&[f32]>,
+    epilogue: Epilogue,
     out: &mut [f32],
 ) {
     assert_eq!(x.len(), m * w.cols, "matmul: x is not m x k");
@@ -241,10 +242,12 @@ pub(crate) fn matmul_packed(
         return;
     }
     if w.cols == 0 {
+        let zeros = [0.0f32; PANEL];
         for row in out.chunks_exact_mut(w.rows) {
-            match bias {
-                Some(b) => row.copy_from_slice(b),
-                None => row.fill(0.0),
+            for c0 in (0..w.rows).step_by(PANEL) {
+                let cols = PANEL.min(w.rows - c0);
+                // SAFETY: c0 + cols <= row.len().
+                unsafe { write_tile(&zeros[..cols], row.as_mut_ptr().add(c0), c0, bias, epilogue) };
             }
         }
         return;
@@ -261,6 +264,7 @@ pub(crate) fn matmul_packed(
             x,
             m,
             bias,
+            epilogue,
             out: OutPtr(out.as_mut_ptr()),
         };
         // SAFETY: level is supported by this CPU; panel ranges are disjoint.
@@ -282,6 +286,7 @@ pub(crate) fn matmul_packed(
         acts: &acts,
         m,
         bias,
+        epilogue,
         out: OutPtr(out.as_mut_ptr()),
     };
     let run = |t: usize| {
@@ -303,7 +308,48 @@ struct Job<'a> {
     acts: &'a Acts,
     m: usize,
     bias: Option<&'a [f32]>,
+    epilogue: Epilogue,
     out: OutPtr,
+}
+
+/// Writes one tile row: `v = tile + bias[c0..]`, then the epilogue, into `out`
+/// (`tile.len()` columns starting at output column `c0`).
+#[inline(always)]
+pub(super) unsafe fn write_tile(
+    tile: &[f32],
+    out: *mut f32,
+    c0: usize,
+    bias: Option<&[f32]>,
+    epilogue: Epilogue,
+) {
+    let cols = tile.len();
+    let mut v = [0.0f32; PANEL];
+    v[..cols].copy_from_slice(tile);
+    if let Some(b) = bias {
+        for (l, x) in v[..cols].iter_mut().enumerate() {
+            *x += b[c0 + l];
+        }
+    }
+    match epilogue {
+        Epilogue::Store => {}
+        Epilogue::GeluTanh | Epilogue::GeluErf => {
+            let f = if epilogue == Epilogue::GeluTanh {
+                super::math::gelu_tanh8
+            } else {
+                super::math::gelu_erf8
+            };
+            for h in 0..PANEL / 8 {
+                let y = f(super::math::load(&v[8 * h..]));
+                super::math::store(&mut v[8 * h..], y);
+            }
+        }
+        Epilogue::Accumulate => {
+            for (l, x) in v[..cols].iter_mut().enumerate() {
+                *x += *out.add(l);
+            }
+        }
+    }
+    std::ptr::copy_nonoverlapping(v.as_ptr(), out, cols);
 }
 
 impl Job<'_> {
@@ -394,9 +440,7 @@ unsafe fn sweep<I: Isa>(job: &Job, p0: usize, p1: usize) {
                 let cols = PANEL.min(n - c0);
                 for (ii, t) in tile[..r].iter().enumerate() {
                     let o = job.out.0.add((i + ii) * n + c0);
-                    for (l, v) in t[..cols].iter().enumerate() {
-                        *o.add(l) = v + job.bias.map_or(0.0, |b| b[c0 + l]);
-                    }
+                    write_tile(&t[..cols], o, c0, job.bias, job.epilogue);
                 }
                 i += r;
             }
