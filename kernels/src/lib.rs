@@ -8,6 +8,10 @@ pub mod cpu;
 pub mod quant;
 pub mod reference;
 
+/// CUDA kernels (feature `cuda`): see `docs/cuda.md`.
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
 pub use quant::{BlockQ4_0, BlockQ8_0, QuantType, QK};
 
 /// What a matmul does with each result `v = x . w + b` as it writes it, so the

@@ -1,0 +1,641 @@
+//! Safe wrappers, one per kernel. Shapes are checked with the same panics as the
+//! CPU kernels (a mismatch is a bug in the caller); device failures are errors.
+//! Every op is queued on the device's stream and returns without waiting.
+
+use std::ffi::c_void;
+
+use cudarc::cublas::sys as blas_sys;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+use super::{CudaError, Device, Result};
+use crate::{QuantType, WeightView};
+
+/// Which GELU [`Device::gelu`] applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GeluKind {
+    Tanh,
+    Erf,
+}
+
+/// A weight matrix uploaded once, in its stored (`.mqf`) layout.
+#[derive(Debug)]
+pub struct DeviceWeight {
+    pub ty: QuantType,
+    pub data: CudaSlice<u8>,
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+}
+
+/// The paged K/V pools of one layer on the device, with a sequence's block table:
+/// the layout of [`crate::KvView`].
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceKv<'a> {
+    pub k: &'a CudaSlice<f32>,
+    pub v: &'a CudaSlice<f32>,
+    pub block_size: usize,
+    pub block_table: &'a CudaSlice<u32>,
+    /// entries of `block_table` in use (the device buffer may be longer)
+    pub n_blocks: usize,
+    pub kv_dim: usize,
+}
+
+/// Largest head dimension the attention kernels take (`MAX_D` in attention.cu).
+pub const MAX_HEAD_DIM: usize = 128;
+/// Keys per split of the decode kernel.
+pub const DECODE_CHUNK: usize = 256;
+/// Rows at or below which [`Device::matmul`] uses the GEMV kernels.
+pub const GEMV_MAX_ROWS: usize = 8;
+/// Rows at or below which [`Device::attention`] uses the decode kernel.
+pub const DECODE_MAX_ROWS: usize = 4;
+
+const NULL: u64 = 0;
+
+fn grid_stride(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 8192) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn i32_of(v: usize, what: &str) -> i32 {
+    i32::try_from(v).unwrap_or_else(|_| panic!("{what} = {v} does not fit the kernels' int"))
+}
+
+impl Device {
+    /// Uploads a weight in its stored layout.
+    pub fn upload_weight(&self, w: WeightView) -> Result<DeviceWeight> {
+        Ok(DeviceWeight {
+            ty: w.ty,
+            data: self.upload(&w.data[..w.rows * w.row_stride])?,
+            rows: w.rows,
+            cols: w.cols,
+            row_stride: w.row_stride,
+        })
+    }
+
+    /// [`crate::reference::layer_norm`].
+    pub fn layer_norm(
+        &self,
+        x: &CudaSlice<f32>,
+        cols: usize,
+        weight: &CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
+        eps: f32,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        assert!(
+            cols > 0 && x.len().is_multiple_of(cols),
+            "layer_norm: x not [rows, cols]"
+        );
+        assert_eq!(out.len(), x.len(), "layer_norm: out length != x length");
+        assert_eq!(weight.len(), cols, "layer_norm: weight length != cols");
+        assert_eq!(bias.len(), cols, "layer_norm: bias length != cols");
+        let rows = x.len() / cols;
+        if rows == 0 {
+            return Ok(());
+        }
+        let c = i32_of(cols, "cols");
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(self.func("layer_norm"));
+        b.arg(x).arg(weight).arg(bias).arg(out).arg(&c).arg(&eps);
+        // SAFETY: argument types and count match the kernel; shapes checked above.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `x[r, c] = gelu(x[r, c] + bias[c])` ([`crate::reference::gelu_tanh`] /
+    /// [`crate::reference::gelu_erf`] after the bias add), rows of `cols`.
+    pub fn gelu(
+        &self,
+        x: &mut CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        cols: usize,
+        kind: GeluKind,
+    ) -> Result<()> {
+        assert!(
+            cols > 0 && x.len().is_multiple_of(cols),
+            "gelu: x not [rows, cols]"
+        );
+        if let Some(b) = bias {
+            assert_eq!(b.len(), cols, "gelu: bias length != cols");
+        }
+        let n = x.len() as i64;
+        if n == 0 {
+            return Ok(());
+        }
+        let c = i32_of(cols, "cols");
+        let has = bias.is_some() as i32;
+        let name = match kind {
+            GeluKind::Tanh => "bias_gelu_tanh",
+            GeluKind::Erf => "bias_gelu_erf",
+        };
+        let cfg = grid_stride(x.len());
+        let mut b = self.stream.launch_builder(self.func(name));
+        b.arg(x);
+        match bias {
+            Some(bias) => b.arg(bias),
+            None => b.arg(&NULL),
+        };
+        b.arg(&has).arg(&n).arg(&c);
+        // SAFETY: as layer_norm; the bias is only read when has_bias is 1.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// [`crate::reference::add_assign`]: `dst += src`.
+    pub fn add_assign(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) -> Result<()> {
+        assert_eq!(dst.len(), src.len(), "add_assign: length mismatch");
+        self.elementwise2("add_assign", dst, src, dst.len())
+    }
+
+    /// Row t of `x` += row t of `table` (learned position embeddings): the first
+    /// `x.len()` elements of `table`.
+    pub fn add_rows(&self, x: &mut CudaSlice<f32>, table: &CudaSlice<f32>) -> Result<()> {
+        assert!(table.len() >= x.len(), "add_rows: more rows than the table");
+        self.elementwise2("add_rows", x, table, x.len())
+    }
+
+    fn elementwise2(
+        &self,
+        name: &str,
+        dst: &mut CudaSlice<f32>,
+        src: &CudaSlice<f32>,
+        n: usize,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as i64;
+        let mut b = self.stream.launch_builder(self.func(name));
+        b.arg(dst).arg(src).arg(&n64);
+        // SAFETY: both buffers hold at least n elements.
+        unsafe { b.launch(grid_stride(n)) }?;
+        Ok(())
+    }
+
+    /// [`crate::reference::softmax`] of every row of `cols`, in place.
+    pub fn softmax_rows(&self, x: &mut CudaSlice<f32>, cols: usize) -> Result<()> {
+        assert!(
+            cols > 0 && x.len().is_multiple_of(cols),
+            "softmax: x not [rows, cols]"
+        );
+        let rows = x.len() / cols;
+        if rows == 0 {
+            return Ok(());
+        }
+        let c = i32_of(cols, "cols");
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(self.func("softmax_rows"));
+        b.arg(x).arg(&c);
+        // SAFETY: rows * cols elements.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// [`crate::reference::rope_partial`]; `positions` on the device, one per row.
+    pub fn rope_partial(
+        &self,
+        x: &mut CudaSlice<f32>,
+        n_heads: usize,
+        head_dim: usize,
+        rot_dims: usize,
+        positions: &CudaSlice<u32>,
+        theta: f32,
+    ) -> Result<()> {
+        assert!(
+            rot_dims.is_multiple_of(2) && rot_dims <= head_dim,
+            "rope_partial: rot_dims {rot_dims} must be even and <= head_dim {head_dim}"
+        );
+        assert_eq!(
+            x.len(),
+            positions.len() * n_heads * head_dim,
+            "rope_partial: x is not [positions, n_heads * head_dim]"
+        );
+        if x.is_empty() || rot_dims == 0 {
+            return Ok(());
+        }
+        let (nh, hd, rd) = (
+            i32_of(n_heads, "n_heads"),
+            i32_of(head_dim, "head_dim"),
+            i32_of(rot_dims, "rot_dims"),
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (positions.len() as u32, n_heads as u32, 1),
+            block_dim: ((rot_dims / 2).div_ceil(32).clamp(1, 8) as u32 * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(self.func("rope_partial"));
+        b.arg(x)
+            .arg(positions)
+            .arg(&nh)
+            .arg(&hd)
+            .arg(&rd)
+            .arg(&theta);
+        // SAFETY: shapes checked above.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// [`crate::reference::embedding`]: rows `ids` of `table`, dequantized, into
+    /// `out` (`[ids.len(), table.cols]`). An id outside the table is
+    /// [`CudaError::TokenOutOfRange`] and nothing is launched.
+    pub fn embedding(
+        &self,
+        table: &DeviceWeight,
+        ids: &[u32],
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        assert_eq!(
+            out.len(),
+            ids.len() * table.cols,
+            "embedding: out is not [ids, cols]"
+        );
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= table.rows) {
+            return Err(CudaError::TokenOutOfRange(bad));
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let dev_ids = self.upload(ids)?;
+        let ty = table.ty.id() as i32;
+        let stride = table.row_stride as i64;
+        let cols = i32_of(table.cols, "cols");
+        let cfg = LaunchConfig {
+            grid_dim: (ids.len() as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(self.func("embedding"));
+        b.arg(&table.data)
+            .arg(&ty)
+            .arg(&stride)
+            .arg(&dev_ids)
+            .arg(out)
+            .arg(&cols);
+        // SAFETY: ids checked against the table; out holds ids * cols.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Dequantizes `w` into `out` as a dense f16 `[rows, cols]` matrix (raw bits).
+    pub fn dequantize_f16(&self, w: &DeviceWeight, out: &mut CudaSlice<u16>) -> Result<()> {
+        assert!(
+            out.len() >= w.rows * w.cols,
+            "dequantize_f16: out too short"
+        );
+        let ty = w.ty.id() as i32;
+        let stride = w.row_stride as i64;
+        let rows = w.rows as i64;
+        let cols = i32_of(w.cols, "cols");
+        let mut b = self.stream.launch_builder(self.func("dequant_to_f16"));
+        b.arg(&w.data)
+            .arg(&ty)
+            .arg(&stride)
+            .arg(out)
+            .arg(&rows)
+            .arg(&cols);
+        // SAFETY: out holds rows * cols.
+        unsafe { b.launch(grid_stride(w.rows * w.cols)) }?;
+        Ok(())
+    }
+
+    fn check_matmul(
+        x: &CudaSlice<f32>,
+        m: usize,
+        w: &DeviceWeight,
+        bias: Option<&CudaSlice<f32>>,
+        out: &CudaSlice<f32>,
+    ) {
+        assert_eq!(x.len(), m * w.cols, "matmul: x is not [m, k]");
+        assert_eq!(out.len(), m * w.rows, "matmul: out is not [m, n]");
+        if let Some(b) = bias {
+            assert_eq!(b.len(), w.rows, "matmul: bias length != n");
+        }
+    }
+
+    /// [`crate::reference::matmul`] with the GEMV kernels (any m; meant for
+    /// decode's few rows): weights read in their stored layout, f32 accumulation.
+    pub fn gemv(
+        &self,
+        x: &CudaSlice<f32>,
+        m: usize,
+        w: &DeviceWeight,
+        bias: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        Self::check_matmul(x, m, w, bias, out);
+        if m == 0 || w.rows == 0 {
+            return Ok(());
+        }
+        let name = match w.ty {
+            QuantType::F32 => "gemv_f32",
+            QuantType::F16 => "gemv_f16",
+            QuantType::BF16 => "gemv_bf16",
+            QuantType::Q8_0 => "gemv_q8_0",
+            QuantType::Q4_0 => "gemv_q4_0",
+        };
+        let stride = w.row_stride as i64;
+        let has = bias.is_some() as i32;
+        let (n, k) = (i32_of(w.rows, "n"), i32_of(w.cols, "k"));
+        let cfg = LaunchConfig {
+            grid_dim: (w.rows.div_ceil(4) as u32, m as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(self.func(name));
+        b.arg(&w.data).arg(&stride).arg(x);
+        match bias {
+            Some(bias) => b.arg(bias),
+            None => b.arg(&NULL),
+        };
+        b.arg(&has).arg(out).arg(&n).arg(&k);
+        // SAFETY: shapes checked; the bias is only read when has_bias is 1.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// [`crate::reference::matmul`] through cuBLAS (tensor cores): the weight is
+    /// dequantized to f16 into a scratch buffer (F16 weights are used in place),
+    /// the activations converted to f16, the product accumulated in f32.
+    pub fn gemm(
+        &self,
+        x: &CudaSlice<f32>,
+        m: usize,
+        w: &DeviceWeight,
+        bias: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        Self::check_matmul(x, m, w, bias, out);
+        let (n, k) = (w.rows, w.cols);
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let blas = self.blas()?;
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let super::GemmScratch { w: wbuf, x: xbuf } = &mut *scratch;
+        let in_place = w.ty == QuantType::F16;
+        if !in_place && wbuf.as_ref().is_none_or(|b| b.len() < n * k) {
+            *wbuf = Some(self.zeros::<u16>(n * k)?);
+        }
+        if xbuf.as_ref().is_none_or(|b| b.len() < m * k) {
+            *xbuf = Some(self.zeros::<u16>(m * k)?);
+        }
+        let xh = xbuf.as_mut().expect("allocated above");
+        {
+            let n64 = (m * k) as i64;
+            let mut b = self.stream.launch_builder(self.func("f32_to_f16"));
+            b.arg(x).arg(&mut *xh).arg(&n64);
+            // SAFETY: xh holds at least m * k.
+            unsafe { b.launch(grid_stride(m * k)) }?;
+        }
+        if !in_place {
+            self.dequantize_f16(w, wbuf.as_mut().expect("allocated above"))?;
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        {
+            let (wp, _gw) = if in_place {
+                w.data.device_ptr(&self.stream)
+            } else {
+                wbuf.as_ref()
+                    .expect("allocated above")
+                    .device_ptr(&self.stream)
+            };
+            let (xp, _gx) = xh.device_ptr(&self.stream);
+            let (op, _go) = out.device_ptr_mut(&self.stream);
+            // Column-major view: out^T [n, m] = W^T(as stored [k, n])^T . x^T [k, m].
+            // SAFETY: W holds n * k f16, x m * k f16, out m * n f32; leading
+            // dimensions match those shapes.
+            unsafe {
+                cudarc::cublas::result::gemm_ex(
+                    *blas.handle(),
+                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                    i32_of(n, "n"),
+                    i32_of(m, "m"),
+                    i32_of(k, "k"),
+                    &alpha as *const f32 as *const c_void,
+                    wp as *const c_void,
+                    blas_sys::cudaDataType_t::CUDA_R_16F,
+                    k as i32,
+                    xp as *const c_void,
+                    blas_sys::cudaDataType_t::CUDA_R_16F,
+                    k as i32,
+                    &beta as *const f32 as *const c_void,
+                    op as *mut c_void,
+                    blas_sys::cudaDataType_t::CUDA_R_32F,
+                    n as i32,
+                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| CudaError::Cublas(format!("{e:?}")))?;
+        }
+        if let Some(bias) = bias {
+            let n64 = (m * n) as i64;
+            let c = n as i32;
+            let mut b = self.stream.launch_builder(self.func("add_bias"));
+            b.arg(out).arg(bias).arg(&n64).arg(&c);
+            // SAFETY: out holds m * n, bias n.
+            unsafe { b.launch(grid_stride(m * n)) }?;
+        }
+        Ok(())
+    }
+
+    /// [`Device::gemv`] for up to [`GEMV_MAX_ROWS`] rows, [`Device::gemm`] above.
+    pub fn matmul(
+        &self,
+        x: &CudaSlice<f32>,
+        m: usize,
+        w: &DeviceWeight,
+        bias: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if m <= GEMV_MAX_ROWS {
+            self.gemv(x, m, w, bias, out)
+        } else {
+            self.gemm(x, m, w, bias, out)
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_attention(
+        q: &CudaSlice<f32>,
+        n_tokens: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        kv: &DeviceKv,
+        first_pos: usize,
+        out: &CudaSlice<f32>,
+    ) {
+        assert!(
+            n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads),
+            "attention: n_heads {n_heads} not a multiple of n_kv_heads {n_kv_heads}"
+        );
+        assert!(
+            head_dim > 0 && head_dim <= MAX_HEAD_DIM,
+            "attention: head_dim {head_dim} outside 1..={MAX_HEAD_DIM}"
+        );
+        assert_eq!(q.len(), n_tokens * n_heads * head_dim, "attention: q shape");
+        assert_eq!(out.len(), q.len(), "attention: out shape");
+        assert_eq!(kv.kv_dim, n_kv_heads * head_dim, "attention: kv_dim");
+        assert!(kv.block_size > 0, "attention: block_size must be > 0");
+        assert!(
+            kv.n_blocks <= kv.block_table.len(),
+            "attention: n_blocks > table"
+        );
+        assert!(
+            kv.n_blocks * kv.block_size >= first_pos + n_tokens,
+            "attention: block table too short"
+        );
+        assert_eq!(kv.k.len(), kv.v.len(), "attention: K and V pools differ");
+    }
+
+    /// [`crate::reference::attention`] with the flash-style prefill kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_prefill(
+        &self,
+        q: &CudaSlice<f32>,
+        n_tokens: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        kv: &DeviceKv,
+        first_pos: usize,
+        causal: bool,
+        scale: f32,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        Self::check_attention(
+            q, n_tokens, n_heads, n_kv_heads, head_dim, kv, first_pos, out,
+        );
+        if n_tokens == 0 {
+            return Ok(());
+        }
+        let ints = [
+            i32_of(kv.block_size, "block_size"),
+            i32_of(kv.kv_dim, "kv_dim"),
+            i32_of(n_tokens, "n_tokens"),
+            i32_of(n_heads, "n_heads"),
+            i32_of(n_kv_heads, "n_kv_heads"),
+            i32_of(head_dim, "head_dim"),
+            i32_of(first_pos, "first_pos"),
+            causal as i32,
+        ];
+        let cfg = LaunchConfig {
+            grid_dim: (n_tokens.div_ceil(16) as u32, n_heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(self.func("attn_prefill"));
+        b.arg(q).arg(kv.k).arg(kv.v).arg(kv.block_table);
+        for v in &ints {
+            b.arg(v);
+        }
+        b.arg(&scale).arg(out);
+        // SAFETY: shapes and the block table's coverage checked above.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// [`crate::reference::attention`] with the paged decode kernel, split over the
+    /// sequence in chunks of [`DECODE_CHUNK`] keys and merged by a second kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode(
+        &self,
+        q: &CudaSlice<f32>,
+        n_tokens: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        kv: &DeviceKv,
+        first_pos: usize,
+        causal: bool,
+        scale: f32,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        Self::check_attention(
+            q, n_tokens, n_heads, n_kv_heads, head_dim, kv, first_pos, out,
+        );
+        if n_tokens == 0 {
+            return Ok(());
+        }
+        let n_splits = (first_pos + n_tokens).div_ceil(DECODE_CHUNK).max(1);
+        let mut ws = self.zeros::<f32>(n_tokens * n_heads * n_splits * (head_dim + 2))?;
+        let ints = [
+            i32_of(kv.block_size, "block_size"),
+            i32_of(kv.kv_dim, "kv_dim"),
+            i32_of(n_tokens, "n_tokens"),
+            i32_of(n_heads, "n_heads"),
+            i32_of(n_kv_heads, "n_kv_heads"),
+            i32_of(head_dim, "head_dim"),
+            i32_of(first_pos, "first_pos"),
+            causal as i32,
+        ];
+        let chunk = DECODE_CHUNK as i32;
+        {
+            let cfg = LaunchConfig {
+                grid_dim: (n_heads as u32, n_splits as u32, n_tokens as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.stream.launch_builder(self.func("attn_decode_split"));
+            b.arg(q).arg(kv.k).arg(kv.v).arg(kv.block_table);
+            for v in &ints {
+                b.arg(v);
+            }
+            b.arg(&scale).arg(&chunk).arg(&mut ws);
+            // SAFETY: shapes checked; ws holds every split's partial.
+            unsafe { b.launch(cfg) }?;
+        }
+        let (ns, nh, hd) = (n_splits as i32, n_heads as i32, head_dim as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (n_heads as u32, n_tokens as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(self.func("attn_decode_combine"));
+        b.arg(&ws).arg(&ns).arg(&nh).arg(&hd).arg(out);
+        // SAFETY: as above.
+        unsafe { b.launch(cfg) }?;
+        // ws is freed when dropped here; cudarc frees asynchronously on the stream
+        // (or synchronises first), so the kernels above finish with it first.
+        Ok(())
+    }
+
+    /// Decode kernel for up to [`DECODE_MAX_ROWS`] rows, prefill kernel above.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        q: &CudaSlice<f32>,
+        n_tokens: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        kv: &DeviceKv,
+        first_pos: usize,
+        causal: bool,
+        scale: f32,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if n_tokens <= DECODE_MAX_ROWS {
+            self.attention_decode(
+                q, n_tokens, n_heads, n_kv_heads, head_dim, kv, first_pos, causal, scale, out,
+            )
+        } else {
+            self.attention_prefill(
+                q, n_tokens, n_heads, n_kv_heads, head_dim, kv, first_pos, causal, scale, out,
+            )
+        }
+    }
+}
