@@ -1188,9 +1188,14 @@ pub(crate) fn attention(
     check_attention(
         q, n_tokens, n_heads, n_kv_heads, head_dim, kv, first_pos, out,
     );
-    if head_dim == 0 || n_tokens == 0 {
+    if head_dim == 0 || n_tokens == 0 || n_heads == 0 {
         return;
     }
+    // The tiled path compares positions as f32.
+    assert!(
+        first_pos + n_tokens <= 1 << 24,
+        "attention: positions past 2^24"
+    );
     let a = Args {
         q,
         n_tokens,
