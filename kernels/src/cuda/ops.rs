@@ -5,7 +5,9 @@
 use std::ffi::c_void;
 
 use cudarc::cublas::sys as blas_sys;
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 
 use super::{CudaError, Device, Result};
 use crate::{QuantType, WeightView};
@@ -51,6 +53,57 @@ pub const DECODE_MAX_ROWS: usize = 4;
 
 const NULL: u64 = 0;
 
+/// A device buffer an op reads: a whole [`CudaSlice`] or a view of part of one
+/// (e.g. the first `n` rows of a `[max_tokens, width]` activation buffer).
+pub trait DeviceIn<T> {
+    fn view(&self) -> CudaView<'_, T>;
+    fn len(&self) -> usize;
+}
+
+/// A device buffer an op writes.
+pub trait DeviceOut<T>: DeviceIn<T> {
+    fn view_mut(&mut self) -> CudaViewMut<'_, T>;
+}
+
+impl<T> DeviceIn<T> for CudaSlice<T> {
+    fn view(&self) -> CudaView<'_, T> {
+        self.as_view()
+    }
+    fn len(&self) -> usize {
+        CudaSlice::len(self)
+    }
+}
+
+impl<T> DeviceOut<T> for CudaSlice<T> {
+    fn view_mut(&mut self) -> CudaViewMut<'_, T> {
+        self.as_view_mut()
+    }
+}
+
+impl<T> DeviceIn<T> for CudaView<'_, T> {
+    fn view(&self) -> CudaView<'_, T> {
+        self.slice(..)
+    }
+    fn len(&self) -> usize {
+        CudaView::len(self)
+    }
+}
+
+impl<T> DeviceIn<T> for CudaViewMut<'_, T> {
+    fn view(&self) -> CudaView<'_, T> {
+        self.as_view()
+    }
+    fn len(&self) -> usize {
+        CudaViewMut::len(self)
+    }
+}
+
+impl<T> DeviceOut<T> for CudaViewMut<'_, T> {
+    fn view_mut(&mut self) -> CudaViewMut<'_, T> {
+        self.slice_mut(..)
+    }
+}
+
 fn grid_stride(n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n.div_ceil(256).clamp(1, 8192) as u32, 1, 1),
@@ -78,12 +131,12 @@ impl Device {
     /// [`crate::reference::layer_norm`].
     pub fn layer_norm(
         &self,
-        x: &CudaSlice<f32>,
+        x: &impl DeviceIn<f32>,
         cols: usize,
-        weight: &CudaSlice<f32>,
-        bias: &CudaSlice<f32>,
+        weight: &impl DeviceIn<f32>,
+        bias: &impl DeviceIn<f32>,
         eps: f32,
-        out: &mut CudaSlice<f32>,
+        out: &mut impl DeviceOut<f32>,
     ) -> Result<()> {
         assert!(
             cols > 0 && x.len().is_multiple_of(cols),
@@ -102,8 +155,14 @@ impl Device {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
+        let (x, weight, bias, mut out) = (x.view(), weight.view(), bias.view(), out.view_mut());
         let mut b = self.stream.launch_builder(self.func("layer_norm"));
-        b.arg(x).arg(weight).arg(bias).arg(out).arg(&c).arg(&eps);
+        b.arg(&x)
+            .arg(&weight)
+            .arg(&bias)
+            .arg(&mut out)
+            .arg(&c)
+            .arg(&eps);
         // SAFETY: argument types and count match the kernel; shapes checked above.
         unsafe { b.launch(cfg) }?;
         Ok(())
@@ -113,7 +172,7 @@ impl Device {
     /// [`crate::reference::gelu_erf`] after the bias add), rows of `cols`.
     pub fn gelu(
         &self,
-        x: &mut CudaSlice<f32>,
+        x: &mut impl DeviceOut<f32>,
         bias: Option<&CudaSlice<f32>>,
         cols: usize,
         kind: GeluKind,
@@ -136,8 +195,9 @@ impl Device {
             GeluKind::Erf => "bias_gelu_erf",
         };
         let cfg = grid_stride(x.len());
+        let mut x = x.view_mut();
         let mut b = self.stream.launch_builder(self.func(name));
-        b.arg(x);
+        b.arg(&mut x);
         match bias {
             Some(bias) => b.arg(bias),
             None => b.arg(&NULL),
@@ -149,38 +209,45 @@ impl Device {
     }
 
     /// [`crate::reference::add_assign`]: `dst += src`.
-    pub fn add_assign(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) -> Result<()> {
+    pub fn add_assign(
+        &self,
+        dst: &mut impl DeviceOut<f32>,
+        src: &impl DeviceIn<f32>,
+    ) -> Result<()> {
         assert_eq!(dst.len(), src.len(), "add_assign: length mismatch");
-        self.elementwise2("add_assign", dst, src, dst.len())
+        let n = dst.len();
+        self.elementwise2("add_assign", dst, src, n)
     }
 
     /// Row t of `x` += row t of `table` (learned position embeddings): the first
     /// `x.len()` elements of `table`.
-    pub fn add_rows(&self, x: &mut CudaSlice<f32>, table: &CudaSlice<f32>) -> Result<()> {
+    pub fn add_rows(&self, x: &mut impl DeviceOut<f32>, table: &impl DeviceIn<f32>) -> Result<()> {
         assert!(table.len() >= x.len(), "add_rows: more rows than the table");
-        self.elementwise2("add_rows", x, table, x.len())
+        let n = x.len();
+        self.elementwise2("add_rows", x, table, n)
     }
 
     fn elementwise2(
         &self,
         name: &str,
-        dst: &mut CudaSlice<f32>,
-        src: &CudaSlice<f32>,
+        dst: &mut impl DeviceOut<f32>,
+        src: &impl DeviceIn<f32>,
         n: usize,
     ) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
         let n64 = n as i64;
+        let (mut dst, src) = (dst.view_mut(), src.view());
         let mut b = self.stream.launch_builder(self.func(name));
-        b.arg(dst).arg(src).arg(&n64);
+        b.arg(&mut dst).arg(&src).arg(&n64);
         // SAFETY: both buffers hold at least n elements.
         unsafe { b.launch(grid_stride(n)) }?;
         Ok(())
     }
 
     /// [`crate::reference::softmax`] of every row of `cols`, in place.
-    pub fn softmax_rows(&self, x: &mut CudaSlice<f32>, cols: usize) -> Result<()> {
+    pub fn softmax_rows(&self, x: &mut impl DeviceOut<f32>, cols: usize) -> Result<()> {
         assert!(
             cols > 0 && x.len().is_multiple_of(cols),
             "softmax: x not [rows, cols]"
@@ -195,8 +262,9 @@ impl Device {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
+        let mut x = x.view_mut();
         let mut b = self.stream.launch_builder(self.func("softmax_rows"));
-        b.arg(x).arg(&c);
+        b.arg(&mut x).arg(&c);
         // SAFETY: rows * cols elements.
         unsafe { b.launch(cfg) }?;
         Ok(())
@@ -205,11 +273,11 @@ impl Device {
     /// [`crate::reference::rope_partial`]; `positions` on the device, one per row.
     pub fn rope_partial(
         &self,
-        x: &mut CudaSlice<f32>,
+        x: &mut impl DeviceOut<f32>,
         n_heads: usize,
         head_dim: usize,
         rot_dims: usize,
-        positions: &CudaSlice<u32>,
+        positions: &impl DeviceIn<u32>,
         theta: f32,
     ) -> Result<()> {
         assert!(
@@ -221,7 +289,7 @@ impl Device {
             positions.len() * n_heads * head_dim,
             "rope_partial: x is not [positions, n_heads * head_dim]"
         );
-        if x.is_empty() || rot_dims == 0 {
+        if x.len() == 0 || rot_dims == 0 {
             return Ok(());
         }
         let (nh, hd, rd) = (
@@ -234,9 +302,10 @@ impl Device {
             block_dim: ((rot_dims / 2).div_ceil(32).clamp(1, 8) as u32 * 32, 1, 1),
             shared_mem_bytes: 0,
         };
+        let (mut x, positions) = (x.view_mut(), positions.view());
         let mut b = self.stream.launch_builder(self.func("rope_partial"));
-        b.arg(x)
-            .arg(positions)
+        b.arg(&mut x)
+            .arg(&positions)
             .arg(&nh)
             .arg(&hd)
             .arg(&rd)
@@ -253,7 +322,7 @@ impl Device {
         &self,
         table: &DeviceWeight,
         ids: &[u32],
-        out: &mut CudaSlice<f32>,
+        out: &mut impl DeviceOut<f32>,
     ) -> Result<()> {
         assert_eq!(
             out.len(),
@@ -275,12 +344,13 @@ impl Device {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
+        let mut out = out.view_mut();
         let mut b = self.stream.launch_builder(self.func("embedding"));
         b.arg(&table.data)
             .arg(&ty)
             .arg(&stride)
             .arg(&dev_ids)
-            .arg(out)
+            .arg(&mut out)
             .arg(&cols);
         // SAFETY: ids checked against the table; out holds ids * cols.
         unsafe { b.launch(cfg) }?;
@@ -288,7 +358,7 @@ impl Device {
     }
 
     /// Dequantizes `w` into `out` as a dense f16 `[rows, cols]` matrix (raw bits).
-    pub fn dequantize_f16(&self, w: &DeviceWeight, out: &mut CudaSlice<u16>) -> Result<()> {
+    pub fn dequantize_f16(&self, w: &DeviceWeight, out: &mut impl DeviceOut<u16>) -> Result<()> {
         assert!(
             out.len() >= w.rows * w.cols,
             "dequantize_f16: out too short"
@@ -297,11 +367,12 @@ impl Device {
         let stride = w.row_stride as i64;
         let rows = w.rows as i64;
         let cols = i32_of(w.cols, "cols");
+        let mut out = out.view_mut();
         let mut b = self.stream.launch_builder(self.func("dequant_to_f16"));
         b.arg(&w.data)
             .arg(&ty)
             .arg(&stride)
-            .arg(out)
+            .arg(&mut out)
             .arg(&rows)
             .arg(&cols);
         // SAFETY: out holds rows * cols.
@@ -310,11 +381,11 @@ impl Device {
     }
 
     fn check_matmul(
-        x: &CudaSlice<f32>,
+        x: &impl DeviceIn<f32>,
         m: usize,
         w: &DeviceWeight,
         bias: Option<&CudaSlice<f32>>,
-        out: &CudaSlice<f32>,
+        out: &impl DeviceIn<f32>,
     ) {
         assert_eq!(x.len(), m * w.cols, "matmul: x is not [m, k]");
         assert_eq!(out.len(), m * w.rows, "matmul: out is not [m, n]");
@@ -327,13 +398,13 @@ impl Device {
     /// decode's few rows): weights read in their stored layout, f32 accumulation.
     pub fn gemv(
         &self,
-        x: &CudaSlice<f32>,
+        x: &impl DeviceIn<f32>,
         m: usize,
         w: &DeviceWeight,
         bias: Option<&CudaSlice<f32>>,
-        out: &mut CudaSlice<f32>,
+        out: &mut impl DeviceOut<f32>,
     ) -> Result<()> {
-        Self::check_matmul(x, m, w, bias, out);
+        Self::check_matmul(x, m, w, bias, &*out);
         if m == 0 || w.rows == 0 {
             return Ok(());
         }
@@ -352,13 +423,14 @@ impl Device {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
+        let (x, mut out) = (x.view(), out.view_mut());
         let mut b = self.stream.launch_builder(self.func(name));
-        b.arg(&w.data).arg(&stride).arg(x);
+        b.arg(&w.data).arg(&stride).arg(&x);
         match bias {
             Some(bias) => b.arg(bias),
             None => b.arg(&NULL),
         };
-        b.arg(&has).arg(out).arg(&n).arg(&k);
+        b.arg(&has).arg(&mut out).arg(&n).arg(&k);
         // SAFETY: shapes checked; the bias is only read when has_bias is 1.
         unsafe { b.launch(cfg) }?;
         Ok(())
@@ -369,13 +441,13 @@ impl Device {
     /// the activations converted to f16, the product accumulated in f32.
     pub fn gemm(
         &self,
-        x: &CudaSlice<f32>,
+        x: &impl DeviceIn<f32>,
         m: usize,
         w: &DeviceWeight,
         bias: Option<&CudaSlice<f32>>,
-        out: &mut CudaSlice<f32>,
+        out: &mut impl DeviceOut<f32>,
     ) -> Result<()> {
-        Self::check_matmul(x, m, w, bias, out);
+        Self::check_matmul(x, m, w, bias, &*out);
         let (n, k) = (w.rows, w.cols);
         if m == 0 || n == 0 {
             return Ok(());
@@ -394,7 +466,8 @@ impl Device {
         {
             let n64 = (m * k) as i64;
             let mut b = self.stream.launch_builder(self.func("f32_to_f16"));
-            b.arg(x).arg(&mut *xh).arg(&n64);
+            let x = x.view();
+            b.arg(&x).arg(&mut *xh).arg(&n64);
             // SAFETY: xh holds at least m * k.
             unsafe { b.launch(grid_stride(m * k)) }?;
         }
@@ -411,7 +484,8 @@ impl Device {
                     .device_ptr(&self.stream)
             };
             let (xp, _gx) = xh.device_ptr(&self.stream);
-            let (op, _go) = out.device_ptr_mut(&self.stream);
+            let mut ov = out.view_mut();
+            let (op, _go) = ov.device_ptr_mut(&self.stream);
             // Column-major view: out^T [n, m] = W^T(as stored [k, n])^T . x^T [k, m].
             // SAFETY: W holds n * k f16, x m * k f16, out m * n f32; leading
             // dimensions match those shapes.
@@ -444,7 +518,8 @@ impl Device {
             let n64 = (m * n) as i64;
             let c = n as i32;
             let mut b = self.stream.launch_builder(self.func("add_bias"));
-            b.arg(out).arg(bias).arg(&n64).arg(&c);
+            let mut out = out.view_mut();
+            b.arg(&mut out).arg(bias).arg(&n64).arg(&c);
             // SAFETY: out holds m * n, bias n.
             unsafe { b.launch(grid_stride(m * n)) }?;
         }
@@ -454,11 +529,11 @@ impl Device {
     /// [`Device::gemv`] for up to [`GEMV_MAX_ROWS`] rows, [`Device::gemm`] above.
     pub fn matmul(
         &self,
-        x: &CudaSlice<f32>,
+        x: &impl DeviceIn<f32>,
         m: usize,
         w: &DeviceWeight,
         bias: Option<&CudaSlice<f32>>,
-        out: &mut CudaSlice<f32>,
+        out: &mut impl DeviceOut<f32>,
     ) -> Result<()> {
         if m <= GEMV_MAX_ROWS {
             self.gemv(x, m, w, bias, out)
@@ -469,14 +544,14 @@ impl Device {
 
     #[allow(clippy::too_many_arguments)]
     fn check_attention(
-        q: &CudaSlice<f32>,
+        q: &impl DeviceIn<f32>,
         n_tokens: usize,
         n_heads: usize,
         n_kv_heads: usize,
         head_dim: usize,
         kv: &DeviceKv,
         first_pos: usize,
-        out: &CudaSlice<f32>,
+        out: &impl DeviceIn<f32>,
     ) {
         assert!(
             n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads),
@@ -505,7 +580,7 @@ impl Device {
     #[allow(clippy::too_many_arguments)]
     pub fn attention_prefill(
         &self,
-        q: &CudaSlice<f32>,
+        q: &impl DeviceIn<f32>,
         n_tokens: usize,
         n_heads: usize,
         n_kv_heads: usize,
@@ -514,10 +589,10 @@ impl Device {
         first_pos: usize,
         causal: bool,
         scale: f32,
-        out: &mut CudaSlice<f32>,
+        out: &mut impl DeviceOut<f32>,
     ) -> Result<()> {
         Self::check_attention(
-            q, n_tokens, n_heads, n_kv_heads, head_dim, kv, first_pos, out,
+            q, n_tokens, n_heads, n_kv_heads, head_dim, kv, first_pos, &*out,
         );
         if n_tokens == 0 {
             return Ok(());
@@ -538,11 +613,12 @@ impl Device {
             shared_mem_bytes: 0,
         };
         let mut b = self.stream.launch_builder(self.func("attn_prefill"));
-        b.arg(q).arg(kv.k).arg(kv.v).arg(kv.block_table);
+        let (q, mut out) = (q.view(), out.view_mut());
+        b.arg(&q).arg(kv.k).arg(kv.v).arg(kv.block_table);
         for v in &ints {
             b.arg(v);
         }
-        b.arg(&scale).arg(out);
+        b.arg(&scale).arg(&mut out);
         // SAFETY: shapes and the block table's coverage checked above.
         unsafe { b.launch(cfg) }?;
         Ok(())
@@ -553,7 +629,7 @@ impl Device {
     #[allow(clippy::too_many_arguments)]
     pub fn attention_decode(
         &self,
-        q: &CudaSlice<f32>,
+        q: &impl DeviceIn<f32>,
         n_tokens: usize,
         n_heads: usize,
         n_kv_heads: usize,
@@ -562,10 +638,10 @@ impl Device {
         first_pos: usize,
         causal: bool,
         scale: f32,
-        out: &mut CudaSlice<f32>,
+        out: &mut impl DeviceOut<f32>,
     ) -> Result<()> {
         Self::check_attention(
-            q, n_tokens, n_heads, n_kv_heads, head_dim, kv, first_pos, out,
+            q, n_tokens, n_heads, n_kv_heads, head_dim, kv, first_pos, &*out,
         );
         if n_tokens == 0 {
             return Ok(());
@@ -590,7 +666,8 @@ impl Device {
                 shared_mem_bytes: 0,
             };
             let mut b = self.stream.launch_builder(self.func("attn_decode_split"));
-            b.arg(q).arg(kv.k).arg(kv.v).arg(kv.block_table);
+            let q = q.view();
+            b.arg(&q).arg(kv.k).arg(kv.v).arg(kv.block_table);
             for v in &ints {
                 b.arg(v);
             }
@@ -605,7 +682,8 @@ impl Device {
             shared_mem_bytes: 0,
         };
         let mut b = self.stream.launch_builder(self.func("attn_decode_combine"));
-        b.arg(&ws).arg(&ns).arg(&nh).arg(&hd).arg(out);
+        let mut out = out.view_mut();
+        b.arg(&ws).arg(&ns).arg(&nh).arg(&hd).arg(&mut out);
         // SAFETY: as above.
         unsafe { b.launch(cfg) }?;
         // ws is freed when dropped here; cudarc frees asynchronously on the stream
@@ -617,7 +695,7 @@ impl Device {
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
-        q: &CudaSlice<f32>,
+        q: &impl DeviceIn<f32>,
         n_tokens: usize,
         n_heads: usize,
         n_kv_heads: usize,
@@ -626,7 +704,7 @@ impl Device {
         first_pos: usize,
         causal: bool,
         scale: f32,
-        out: &mut CudaSlice<f32>,
+        out: &mut impl DeviceOut<f32>,
     ) -> Result<()> {
         if n_tokens <= DECODE_MAX_ROWS {
             self.attention_decode(
