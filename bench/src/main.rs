@@ -98,9 +98,10 @@ struct Args {
     /// [default with --quick].
     #[arg(long)]
     no_ttft: bool,
-    /// Buffer of the bandwidth probe, MiB [default: 1024; --quick: 256].
-    #[arg(long)]
-    probe_mib: Option<usize>,
+    /// Buffer of the bandwidth probe, MiB; keep it well above the last-level
+    /// cache (300 MiB on some Xeons) or the probe measures the cache.
+    #[arg(long, default_value_t = 1024)]
+    probe_mib: usize,
     /// Seconds per probe and thread count [default: 0.5; --quick: 0.2].
     #[arg(long)]
     probe_seconds: Option<f64>,
@@ -165,7 +166,7 @@ fn settings(a: &Args) -> Settings {
             ttft: !a.no_ttft && !q,
             question: a.question.clone(),
         },
-        probe_bytes: a.probe_mib.unwrap_or(if q { 256 } else { 1024 }) << 20,
+        probe_bytes: a.probe_mib.max(1) << 20,
         probe_time: Duration::from_secs_f64(
             a.probe_seconds
                 .unwrap_or(if q { 0.2 } else { 0.5 })
