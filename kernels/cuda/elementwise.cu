@@ -142,3 +142,18 @@ extern "C" __global__ void add_bias(float *out, const float *bias, long n, int c
          i += (long)gridDim.x * blockDim.x)
         out[i] += bias[i % cols];
 }
+
+// Appends rows to a paged KV pool: row i of src ([n, d]) goes to the slot of
+// sequence position first_pos + i (block_table[p / block_size] * block_size +
+// p % block_size). Grid-stride over n * d.
+extern "C" __global__ void kv_scatter(const float *src, float *pool, const u32 *table,
+                                      int block_size, int first_pos, int n, int d) {
+    long total = (long)n * d;
+    for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total;
+         e += (long)gridDim.x * blockDim.x) {
+        int i = e / d, c = e % d;
+        int p = first_pos + i;
+        long slot = (long)table[p / block_size] * block_size + p % block_size;
+        pool[slot * d + c] = src[e];
+    }
+}

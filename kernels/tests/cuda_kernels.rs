@@ -656,3 +656,43 @@ fn missing_cuda_is_a_clear_error() {
         }
     }
 }
+
+#[test]
+fn kv_scatter_places_rows_through_the_block_table() {
+    let Some(dev) = device() else { return };
+    let mut rng = Rng::new(seed("kv_scatter"));
+    let (block_size, n_blocks, kv_dim) = (4usize, 6usize, 24usize);
+    let mut table: Vec<u32> = (0..n_blocks as u32).collect();
+    for i in (1..table.len()).rev() {
+        let j = rng.below(i + 1);
+        table.swap(i, j);
+    }
+    let (first_pos, n) = (3usize, 13usize);
+    let src = rng.vec_normal(n * kv_dim, 1.0);
+    let mut want = vec![f32::NAN; n_blocks * block_size * kv_dim];
+    for i in 0..n {
+        let p = first_pos + i;
+        let slot = table[p / block_size] as usize * block_size + p % block_size;
+        want[slot * kv_dim..(slot + 1) * kv_dim]
+            .copy_from_slice(&src[i * kv_dim..(i + 1) * kv_dim]);
+    }
+    let mut pool = poisoned(dev, want.len());
+    dev.kv_scatter(
+        &dev.upload(&src).unwrap(),
+        n,
+        kv_dim,
+        &mut pool,
+        &dev.upload(&table).unwrap(),
+        block_size,
+        first_pos,
+    )
+    .unwrap();
+    let got = dev.download(&pool).unwrap();
+    // untouched slots keep their NaN, written ones are exact
+    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            g == w || (g.is_nan() && w.is_nan()),
+            "kv_scatter: element {i}: got {g}, want {w}"
+        );
+    }
+}

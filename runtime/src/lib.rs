@@ -3,6 +3,9 @@
 
 pub mod backend;
 pub mod cpu;
+/// The CUDA backend (feature `cuda`): see `docs/cuda.md`.
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod format;
 pub mod graph;
@@ -12,6 +15,8 @@ pub use backend::{Backend, Capture, Input, Step};
 pub use cpu::{CpuBackend, KvConfig};
 pub use error::{Error, Result};
 pub use format::{MetaValue, Metadata, MqfFile, MqfWriter, TensorInfo, TensorRef, TensorSpec};
-pub use graph::{BindOptions, BufId, Epilogue, GeluKind, Op, Plan, PlanBuilder, Rows, WeightId, Weights};
+pub use graph::{
+    BindOptions, BufId, Epilogue, GeluKind, Op, Plan, PlanBuilder, Rows, WeightId, Weights,
+};
 pub use kv::{BlockPool, SeqId};
 pub use mipha_kernels::QuantType;

@@ -17,9 +17,9 @@ use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream};
 
-pub use cudarc::driver::CudaSlice as DeviceBuffer;
+pub use cudarc::driver::{CudaSlice as DeviceBuffer, DriverError};
 pub use ops::{DeviceKv, DeviceWeight, GeluKind, DECODE_CHUNK, GEMV_MAX_ROWS, MAX_HEAD_DIM};
 
 /// The `.cu` sources, embedded; `common.cuh` is prepended to each.
@@ -46,6 +46,7 @@ const KERNELS: [(&str, &[&str]); 3] = [
             "dequant_to_f16",
             "f32_to_f16",
             "add_bias",
+            "kv_scatter",
         ],
     ),
     (

@@ -526,6 +526,47 @@ impl Device {
         Ok(())
     }
 
+    /// Writes rows `src` (`[n, kv_dim]`) into a paged pool at sequence positions
+    /// `first_pos..first_pos + n`, through `block_table` (the layout of
+    /// [`crate::KvView`]). Every table entry used must be below the pool's blocks.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_scatter(
+        &self,
+        src: &impl DeviceIn<f32>,
+        n: usize,
+        kv_dim: usize,
+        pool: &mut impl DeviceOut<f32>,
+        block_table: &impl DeviceIn<u32>,
+        block_size: usize,
+        first_pos: usize,
+    ) -> Result<()> {
+        assert_eq!(src.len(), n * kv_dim, "kv_scatter: src is not [n, kv_dim]");
+        assert!(block_size > 0, "kv_scatter: block_size must be > 0");
+        assert!(
+            block_table.len() * block_size >= first_pos + n,
+            "kv_scatter: block table too short"
+        );
+        if n == 0 {
+            return Ok(());
+        }
+        let ints = [
+            i32_of(block_size, "block_size"),
+            i32_of(first_pos, "first_pos"),
+            i32_of(n, "n"),
+            i32_of(kv_dim, "kv_dim"),
+        ];
+        let (src, mut pool, table) = (src.view(), pool.view_mut(), block_table.view());
+        let mut b = self.stream.launch_builder(self.func("kv_scatter"));
+        b.arg(&src).arg(&mut pool).arg(&table);
+        for v in &ints {
+            b.arg(v);
+        }
+        // SAFETY: the table covers the positions; the caller guarantees its entries
+        // address blocks of the pool.
+        unsafe { b.launch(grid_stride(n * kv_dim)) }?;
+        Ok(())
+    }
+
     /// [`Device::gemv`] for up to [`GEMV_MAX_ROWS`] rows, [`Device::gemm`] above.
     pub fn matmul(
         &self,

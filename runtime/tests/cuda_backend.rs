@@ -1,0 +1,430 @@
+//! The CUDA backend against the CPU backend on tiny generated models that use
+//! every op of the plan language: a Phi-like text plan (token embedding, LayerNorm,
+//! F16/BF16/Q8_0/Q4_0 matmuls with every epilogue, partial rotary, paged causal
+//! attention over a shuffled block table, a `Rows::Outputs` head) run as a prefill
+//! then decode steps, and a SigLIP-like vision plan (vector inputs, position rows,
+//! non-causal self-attention). Skips without a CUDA device.
+//!
+//! The CPU reference binds with int8 activations off, so both backends multiply
+//! f32 activations with the same dequantized weights. Bounds, relative to the
+//! largest |output| of the step: 1e-4 where the GPU used its f32 GEMV (steps of at
+//! most 8 rows), 2e-2 where it used the f16 cuBLAS GEMM (longer prefills).
+
+#![cfg(feature = "cuda")]
+
+use std::sync::Arc;
+
+use mipha_kernels::quant::quantize_row;
+use mipha_runtime::cuda::{CudaBackend, DeviceChoice, Resolved};
+use mipha_runtime::graph::KvShape;
+use mipha_runtime::{
+    Backend, BindOptions, CpuBackend, Epilogue, GeluKind, Input, KvConfig, MqfFile, MqfWriter, Op,
+    Plan, PlanBuilder, QuantType, Rows, Step, TensorSpec, Weights,
+};
+
+fn device() -> Option<Arc<mipha_kernels::cuda::Device>> {
+    match DeviceChoice::Auto.resolve() {
+        Ok(Resolved::Cuda(d)) => Some(d),
+        Ok(Resolved::Cpu { reason }) => {
+            eprintln!(
+                "skipping: no CUDA device: {}",
+                reason.unwrap_or_else(|| "cpu".into())
+            );
+            None
+        }
+        Err(e) => panic!("CUDA device present but unusable: {e}"),
+    }
+}
+
+fn floats(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// Writes every weight of `plan` with the type `ty_of(name)` and random values.
+fn write_model(
+    dir: &std::path::Path,
+    plan: &Plan,
+    ty_of: impl Fn(&str) -> QuantType,
+) -> Arc<MqfFile> {
+    let path = dir.join("tiny.mqf");
+    let specs: Vec<TensorSpec> = plan
+        .weights
+        .iter()
+        .map(|w| TensorSpec::new(w.name.clone(), ty_of(&w.name), w.shape.clone()))
+        .collect();
+    let mut wr = MqfWriter::create(&path, Vec::new(), specs.clone()).unwrap();
+    for (i, s) in specs.iter().enumerate() {
+        let cols = *s.shape.last().unwrap() as usize;
+        let rows: usize = s.shape[..s.shape.len() - 1].iter().product::<u64>().max(1) as usize;
+        let rows = if s.shape.len() == 1 { 1 } else { rows };
+        let scale = if s.name.ends_with("ln.w") { 1.0 } else { 0.3 };
+        let vals = floats(rows * cols, i as u64 + 7, scale);
+        let rb = s.ty.row_bytes(cols);
+        let mut bytes = vec![0u8; rows * rb];
+        for (src, dst) in vals.chunks_exact(cols).zip(bytes.chunks_exact_mut(rb)) {
+            quantize_row(s.ty, src, dst);
+        }
+        wr.write_tensor(i, &bytes).unwrap();
+    }
+    wr.finish().unwrap();
+    Arc::new(MqfFile::open(&path).unwrap())
+}
+
+const D: usize = 64;
+const HEADS: usize = 2;
+const HD: usize = 32;
+const FFN: usize = 96;
+const VOCAB: usize = 50;
+
+fn text_plan() -> Plan {
+    let mut b = PlanBuilder::new(16, 2, D);
+    let h = b.buffer("h", D);
+    let hn = b.buffer("hn", D);
+    let q = b.buffer("q", D);
+    let k = b.buffer("k", D);
+    let v = b.buffer("v", D);
+    let att = b.buffer("att", D);
+    let f = b.buffer("f", FFN);
+    let logits = b.buffer("logits", VOCAB);
+    let emb = b.weight("emb", &[VOCAB, D]);
+    b.push(Op::Embed { table: emb, out: h });
+    for layer in 0..2 {
+        let p = format!("l{layer}.");
+        let lw = b.weight(format!("{p}ln.w"), &[D]);
+        let lb = b.weight(format!("{p}ln.b"), &[D]);
+        b.push(Op::LayerNorm {
+            x: h,
+            weight: lw,
+            bias: lb,
+            eps: 1e-5,
+            out: hn,
+        });
+        for (name, out) in [("q", q), ("k", k), ("v", v)] {
+            let w = b.weight(format!("{p}{name}.w"), &[D, D]);
+            let bias = b.weight(format!("{p}{name}.b"), &[D]);
+            b.push(Op::MatMul {
+                x: hn,
+                w,
+                bias: Some(bias),
+                out,
+                rows: Rows::All,
+                epilogue: Epilogue::Store,
+            });
+        }
+        for x in [q, k] {
+            b.push(Op::Rope {
+                x,
+                n_heads: HEADS,
+                head_dim: HD,
+                rot_dims: 12,
+                theta: 10000.0,
+            });
+        }
+        b.push(Op::Attention {
+            layer,
+            q,
+            k,
+            v,
+            out: att,
+            n_heads: HEADS,
+            n_kv_heads: HEADS,
+            head_dim: HD,
+            causal: true,
+            scale: 1.0 / (HD as f32).sqrt(),
+        });
+        let wo = b.weight(format!("{p}o.w"), &[D, D]);
+        b.push(Op::MatMul {
+            x: att,
+            w: wo,
+            bias: None,
+            out: h,
+            rows: Rows::All,
+            epilogue: Epilogue::Accumulate,
+        });
+        let w1 = b.weight(format!("{p}fc1.w"), &[FFN, D]);
+        let b1 = b.weight(format!("{p}fc1.b"), &[FFN]);
+        let epi = if layer == 0 {
+            Epilogue::GeluTanh
+        } else {
+            Epilogue::GeluErf
+        };
+        b.push(Op::MatMul {
+            x: hn,
+            w: w1,
+            bias: Some(b1),
+            out: f,
+            rows: Rows::All,
+            epilogue: epi,
+        });
+        let w2 = b.weight(format!("{p}fc2.w"), &[D, FFN]);
+        let b2 = b.weight(format!("{p}fc2.b"), &[D]);
+        b.push(Op::MatMul {
+            x: f,
+            w: w2,
+            bias: Some(b2),
+            out: h,
+            rows: Rows::All,
+            epilogue: Epilogue::Accumulate,
+        });
+    }
+    let lw = b.weight("final.ln.w", &[D]);
+    let lb = b.weight("final.ln.b", &[D]);
+    b.push(Op::LayerNorm {
+        x: h,
+        weight: lw,
+        bias: lb,
+        eps: 1e-5,
+        out: hn,
+    });
+    b.push(Op::Tap {
+        x: hn,
+        name: "final_norm".into(),
+    });
+    let head = b.weight("head.w", &[VOCAB, D]);
+    b.push(Op::MatMul {
+        x: hn,
+        w: head,
+        bias: None,
+        out: logits,
+        rows: Rows::Outputs,
+        epilogue: Epilogue::Store,
+    });
+    b.set_kv(KvShape {
+        n_layers: 2,
+        kv_dim: D,
+    });
+    b.finish(logits)
+}
+
+fn text_type(name: &str) -> QuantType {
+    if name.ends_with(".b") || name.contains("ln.") {
+        QuantType::F32
+    } else if name.contains("q.w") || name == "head.w" {
+        QuantType::F16
+    } else if name.contains("k.w") || name == "emb" {
+        QuantType::Q8_0
+    } else if name.contains("v.w") || name.contains("fc2") {
+        QuantType::Q4_0
+    } else {
+        QuantType::BF16
+    }
+}
+
+#[track_caller]
+fn close(what: &str, got: &[f32], want: &[f32], rel: f32) {
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-3);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= rel * scale,
+            "{what}: element {i}: cuda {g}, cpu {w} (bound {})",
+            rel * scale
+        );
+    }
+}
+
+#[test]
+fn text_plan_matches_cpu_over_prefill_and_decode() {
+    let dev = device(); // the CPU half runs (and checks the fixture) regardless
+    let dir = tempfile::tempdir().unwrap();
+    let plan = text_plan();
+    let file = write_model(dir.path(), &plan, text_type);
+    let weights = Weights::bind_with(
+        &plan,
+        file,
+        BindOptions {
+            int8_activations: false,
+        },
+    )
+    .unwrap();
+    let kv = KvConfig {
+        n_blocks: 8,
+        block_size: 4,
+    };
+    let mut cpu = CpuBackend::new(&plan, Some(kv), 1).unwrap();
+    let mut gpu = dev.map(|d| CudaBackend::new(&plan, &weights, Some(kv), d).unwrap());
+    let table = [5u32, 0, 7, 2, 6, 1];
+    // a 12-row prefill (GEMM path), then a 3-row chunk, then single-token decodes
+    let mut pos = 0;
+    for (n, rel) in [(12usize, 2e-2f32), (3, 2e-2), (1, 2e-2), (1, 2e-2)] {
+        let inputs: Vec<Input> = (0..n)
+            .map(|i| Input::Token(((pos + i) * 7 % VOCAB) as u32))
+            .collect();
+        let outputs = if n > 1 { vec![0, n - 1] } else { vec![0] };
+        let step = Step {
+            inputs: &inputs,
+            first_pos: pos,
+            block_table: &table,
+            outputs: &outputs,
+        };
+        cpu.execute(&plan, &weights, &step, None).unwrap();
+        let mut want = vec![0.0; outputs.len() * VOCAB];
+        cpu.read_output(&mut want).unwrap();
+        assert!(want.iter().all(|v| v.is_finite()));
+        if let Some(gpu) = gpu.as_mut() {
+            gpu.execute(&plan, &weights, &step, None).unwrap();
+            let mut got = vec![f32::NAN; outputs.len() * VOCAB];
+            gpu.read_output(&mut got).unwrap();
+            // later steps attend over the GEMM-rounded prefill's cache, hence 2e-2 throughout
+            close(&format!("logits at pos {pos} (+{n})"), &got, &want, rel);
+        }
+        pos += n;
+    }
+    // a token outside the vocabulary is an error, not a crash
+    let bad = [Input::Token(VOCAB as u32)];
+    let step = Step {
+        inputs: &bad,
+        first_pos: pos,
+        block_table: &table,
+        outputs: &[0],
+    };
+    if let Some(gpu) = gpu.as_mut() {
+        assert!(gpu.execute(&plan, &weights, &step, None).is_err());
+    }
+}
+
+#[test]
+fn decode_only_plan_matches_cpu_tightly() {
+    // Steps of at most 8 rows: the GPU's f32 GEMV throughout.
+    let dev = device(); // the CPU half runs (and checks the fixture) regardless
+    let dir = tempfile::tempdir().unwrap();
+    let plan = text_plan();
+    let file = write_model(dir.path(), &plan, text_type);
+    let weights = Weights::bind_with(
+        &plan,
+        file,
+        BindOptions {
+            int8_activations: false,
+        },
+    )
+    .unwrap();
+    let kv = KvConfig {
+        n_blocks: 8,
+        block_size: 4,
+    };
+    let mut cpu = CpuBackend::new(&plan, Some(kv), 1).unwrap();
+    let mut gpu = dev.map(|d| CudaBackend::new(&plan, &weights, Some(kv), d).unwrap());
+    let table = [3u32, 6, 1, 0, 4];
+    let mut pos = 0;
+    for n in [5usize, 1, 1, 2, 1] {
+        let inputs: Vec<Input> = (0..n)
+            .map(|i| Input::Token(((pos + i) * 11 % VOCAB) as u32))
+            .collect();
+        let outputs = vec![n - 1];
+        let step = Step {
+            inputs: &inputs,
+            first_pos: pos,
+            block_table: &table,
+            outputs: &outputs,
+        };
+        cpu.execute(&plan, &weights, &step, None).unwrap();
+        let mut want = vec![0.0; VOCAB];
+        cpu.read_output(&mut want).unwrap();
+        if let Some(gpu) = gpu.as_mut() {
+            gpu.execute(&plan, &weights, &step, None).unwrap();
+            let mut got = vec![f32::NAN; VOCAB];
+            gpu.read_output(&mut got).unwrap();
+            close(&format!("logits at pos {pos} (+{n})"), &got, &want, 1e-4);
+        }
+        pos += n;
+    }
+}
+
+#[test]
+fn vision_plan_matches_cpu() {
+    let dev = device(); // the CPU half runs (and checks the fixture) regardless
+    let (patch, width, heads, hd, n) = (12usize, 16usize, 2usize, 8usize, 10usize);
+    let mut b = PlanBuilder::new(n, 1, patch);
+    let x = b.buffer("x", patch);
+    let h = b.buffer("h", width);
+    let q = b.buffer("q", width);
+    let k = b.buffer("k", width);
+    let v = b.buffer("v", width);
+    let o = b.buffer("o", width);
+    b.push(Op::Input { out: x });
+    let pw = b.weight("patch.w", &[width, patch]);
+    let pb = b.weight("patch.b", &[width]);
+    b.push(Op::MatMul {
+        x,
+        w: pw,
+        bias: Some(pb),
+        out: h,
+        rows: Rows::All,
+        epilogue: Epilogue::Store,
+    });
+    let pos = b.weight("pos", &[n, width]);
+    b.push(Op::AddRows { x: h, table: pos });
+    for (name, out) in [("q", q), ("k", k), ("v", v)] {
+        let w = b.weight(format!("{name}.w"), &[width, width]);
+        b.push(Op::MatMul {
+            x: h,
+            w,
+            bias: None,
+            out,
+            rows: Rows::All,
+            epilogue: Epilogue::Store,
+        });
+    }
+    b.push(Op::SelfAttention {
+        q,
+        k,
+        v,
+        out: o,
+        n_heads: heads,
+        head_dim: hd,
+        causal: false,
+        scale: 0.35,
+    });
+    b.push(Op::Gelu {
+        x: o,
+        kind: GeluKind::Erf,
+    });
+    b.push(Op::Add { dst: o, src: h });
+    let plan = b.finish(o);
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_model(dir.path(), &plan, |_| QuantType::F32);
+    let weights = Weights::bind(&plan, file).unwrap();
+    let mut cpu = CpuBackend::new(&plan, None, 1).unwrap();
+    let mut gpu = dev.map(|d| CudaBackend::new(&plan, &weights, None, d).unwrap());
+    let rows: Vec<Vec<f32>> = (0..n).map(|i| floats(patch, 100 + i as u64, 1.0)).collect();
+    let inputs: Vec<Input> = rows.iter().map(|r| Input::Embedding(r)).collect();
+    let step = Step {
+        inputs: &inputs,
+        first_pos: 0,
+        block_table: &[],
+        outputs: &[],
+    };
+    cpu.execute(&plan, &weights, &step, None).unwrap();
+    let mut want = vec![0.0; n * width];
+    cpu.read_output(&mut want).unwrap();
+    assert!(want.iter().all(|v| v.is_finite()));
+    if let Some(gpu) = gpu.as_mut() {
+        gpu.execute(&plan, &weights, &step, None).unwrap();
+        let mut got = vec![f32::NAN; n * width];
+        gpu.read_output(&mut got).unwrap();
+        // 10 rows: the f16 GEMM path
+        close("vision output", &got, &want, 2e-2);
+    }
+}
+
+#[test]
+fn device_choice_parses() {
+    assert_eq!("cpu".parse(), Ok(DeviceChoice::Cpu));
+    assert_eq!("auto".parse(), Ok(DeviceChoice::Auto));
+    assert_eq!("cuda".parse(), Ok(DeviceChoice::Cuda(0)));
+    assert_eq!("CUDA:1".parse(), Ok(DeviceChoice::Cuda(1)));
+    assert!("cuda:x".parse::<DeviceChoice>().is_err());
+    assert!("tpu".parse::<DeviceChoice>().is_err());
+    // without CUDA, auto falls back to the CPU with the reason, cuda:0 is an error
+    if let Ok(Resolved::Cpu { reason }) = DeviceChoice::Auto.resolve() {
+        let why = reason.expect("auto says why it chose the CPU");
+        assert!(DeviceChoice::Cuda(0).resolve().is_err(), "{why}");
+    }
+}
