@@ -16,7 +16,7 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};
 use super::{CudaError, Result, COMMON_SRC};
 
 /// Bumped when the cache format or key changes.
-const CACHE_VERSION: u32 = 1;
+const CACHE_VERSION: u32 = 2;
 
 /// The cache directory (it may not exist yet).
 pub fn cache_dir() -> Option<PathBuf> {
@@ -52,8 +52,12 @@ pub fn full_source(src: &str) -> String {
 }
 
 fn options(arch: &str) -> Vec<String> {
+    // A virtual architecture (`compute_XY`) makes NVRTC emit PTX for exactly the
+    // device's capability (a real `sm_XY` would make a CUBIN, with no PTX to get);
+    // the driver turns it into machine code when the module loads.
+    let virt = arch.replacen("sm_", "compute_", 1);
     vec![
-        format!("--gpu-architecture={arch}"),
+        format!("--gpu-architecture={virt}"),
         // IEEE division and square root, no flush-to-zero: the kernels are compared
         // against an f64 reference with tight bounds.
         "--ftz=false".into(),
