@@ -1,11 +1,14 @@
 //! The CPU path the engine runs. Same functions and signatures as
 //! [`crate::reference`], which is what every function here is tested against.
 //!
-//! SIMD through `wide`, which picks its instructions from the build's target
-//! features (a default x86-64 build gets SSE2 and no FMA; run-time dispatch is a
-//! later step). Threads through rayon: each op runs in whatever pool it is called
-//! from (the global one, or one the engine `install`s), may be called from inside
-//! a rayon task, and splits its work only when it is large enough to pay for it.
+//! The hot kernels (packed matmuls in `qgemm`/`fgemm`, attention, decode row
+//! dots) are written once over a small SIMD interface and built per
+//! [`dispatch::Level`] with `#[target_feature]` and intrinsics, chosen at run
+//! time. The light elementwise ops use `wide`, which picks its instructions from
+//! the build's target features (SSE2 on a default x86-64 build). Threads through
+//! rayon: each op runs in whatever pool it is called from (the global one, or one
+//! the engine `install`s), may be called from inside a rayon task, and splits its
+//! work only when it is large enough to pay for it.
 
 mod attention;
 pub mod dispatch;
