@@ -52,14 +52,15 @@ run_tests() { # name binary label extra-args...
     shift 3
     local log="$LOGS/$label.log" t0 t1 rc
     t0=$(date +%s.%N)
-    timeout "${TEST_TIMEOUT:-240}" "$bin" --test-threads=1 "$@" >"$log" 2>&1
+    # --nocapture: the skip messages (and seeds) of passing tests reach the log
+    timeout "${TEST_TIMEOUT:-240}" "$bin" --test-threads=1 --nocapture "$@" >"$log" 2>&1
     rc=$?
     t1=$(date +%s.%N)
     local secs passed fails skips status
     secs=$(awk "BEGIN{printf \"%.1f\", $t1-$t0}")
     passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END{print s+0}')
     fails=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END{print s+0}')
-    skips=$(grep -c '^skipping: no CUDA device' "$log")
+    skips=$(grep -c 'skipping: no CUDA device' "$log")
     if [ $rc -eq 124 ]; then
         status="TIMEOUT"
     elif [ $rc -ne 0 ]; then
@@ -93,7 +94,7 @@ for b in "$BIN"/tests/*timing*; do
     [ -x "$b" ] || continue
     n=$(basename "$b")
     echo "-- $n --ignored"
-    run_tests "$n" "$b" "$n (timings)" --ignored --nocapture
+    run_tests "$n" "$b" "$n (timings)" --ignored
     while IFS= read -r l; do bench_lines+=("$l"); done < <(grep '^BENCH ' "$LOGS/$n (timings).log" || true)
 done
 
