@@ -166,6 +166,28 @@ pub(crate) struct GemmScratch {
     pub(crate) x: Option<CudaSlice<u16>>,
 }
 
+/// Small per-op buffers, kept between calls so steady-state steps allocate
+/// nothing on the device.
+#[derive(Default)]
+pub(crate) struct OpScratch {
+    /// the split partials of the decode attention
+    pub(crate) attn: Option<CudaSlice<f32>>,
+    /// token ids of an embedding gather
+    pub(crate) ids: Option<CudaSlice<u32>>,
+}
+
+/// `buf` with room for `n` elements, reallocated (zeroed) only when it is too small.
+pub(crate) fn grown<'a, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    buf: &'a mut Option<CudaSlice<T>>,
+    n: usize,
+) -> Result<&'a mut CudaSlice<T>> {
+    if buf.as_ref().is_none_or(|b| b.len() < n) {
+        *buf = Some(stream.alloc_zeros(n.max(1))?);
+    }
+    Ok(buf.as_mut().expect("allocated above"))
+}
+
 /// One device with its stream, its compiled kernels and (lazily) cuBLAS. All work
 /// is queued on one stream, in order; reads back to the host synchronise.
 pub struct Device {
@@ -175,6 +197,7 @@ pub struct Device {
     blas: OnceLock<std::result::Result<CudaBlas, String>>,
     /// f16 scratch of the GEMM path: (dequantized weights, converted activations).
     scratch: Mutex<GemmScratch>,
+    pub(crate) op_scratch: Mutex<OpScratch>,
     arch: String,
     name: String,
     driver: i32,
@@ -234,6 +257,7 @@ impl Device {
             funcs,
             blas: OnceLock::new(),
             scratch: Mutex::new(GemmScratch::default()),
+            op_scratch: Mutex::new(OpScratch::default()),
             arch,
             name,
             driver,

@@ -335,7 +335,11 @@ impl Device {
         if ids.is_empty() {
             return Ok(());
         }
-        let dev_ids = self.upload(ids)?;
+        let mut scratch = self.op_scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let dev_ids = super::grown(&self.stream, &mut scratch.ids, ids.len())?;
+        self.stream
+            .memcpy_htod(ids, &mut dev_ids.slice_mut(..ids.len()))?;
+        let dev_ids = &*dev_ids;
         let ty = table.ty.id() as i32;
         let stride = table.row_stride as i64;
         let cols = i32_of(table.cols, "cols");
@@ -349,7 +353,7 @@ impl Device {
         b.arg(&table.data)
             .arg(&ty)
             .arg(&stride)
-            .arg(&dev_ids)
+            .arg(dev_ids)
             .arg(&mut out)
             .arg(&cols);
         // SAFETY: ids checked against the table; out holds ids * cols.
@@ -688,7 +692,12 @@ impl Device {
             return Ok(());
         }
         let n_splits = (first_pos + n_tokens).div_ceil(DECODE_CHUNK).max(1);
-        let mut ws = self.zeros::<f32>(n_tokens * n_heads * n_splits * (head_dim + 2))?;
+        let mut scratch = self.op_scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let ws = super::grown(
+            &self.stream,
+            &mut scratch.attn,
+            n_tokens * n_heads * n_splits * (head_dim + 2),
+        )?;
         let ints = [
             i32_of(kv.block_size, "block_size"),
             i32_of(kv.kv_dim, "kv_dim"),
@@ -712,7 +721,7 @@ impl Device {
             for v in &ints {
                 b.arg(v);
             }
-            b.arg(&scale).arg(&chunk).arg(&mut ws);
+            b.arg(&scale).arg(&chunk).arg(&mut *ws);
             // SAFETY: shapes checked; ws holds every split's partial.
             unsafe { b.launch(cfg) }?;
         }
@@ -724,11 +733,11 @@ impl Device {
         };
         let mut b = self.stream.launch_builder(self.func("attn_decode_combine"));
         let mut out = out.view_mut();
-        b.arg(&ws).arg(&ns).arg(&nh).arg(&hd).arg(&mut out);
+        b.arg(&*ws).arg(&ns).arg(&nh).arg(&hd).arg(&mut out);
         // SAFETY: as above.
         unsafe { b.launch(cfg) }?;
-        // ws is freed when dropped here; cudarc frees asynchronously on the stream
-        // (or synchronises first), so the kernels above finish with it first.
+        // ws stays in the device's scratch for the next call: the stream orders
+        // that call's kernels after these.
         Ok(())
     }
 
