@@ -149,28 +149,37 @@ pub fn rope_partial(
     }
     let half = rot_dims / 2;
     // f64 angles: at position 2048+ an f32 product pos * inv_freq is already off by
-    // ~1e-4 rad. One sin_cos per (position, frequency), shared by all heads.
-    let inv_freq: Vec<f64> = (0..half)
-        .map(|j| (theta as f64).powf(-2.0 * j as f64 / rot_dims as f64))
-        .collect();
-    let rotate_row = |row: &mut [f32], pos: usize| {
-        for (j, &f) in inv_freq.iter().enumerate() {
-            let (sin, cos) = (pos as f64 * f).sin_cos();
-            let (sin, cos) = (sin as f32, cos as f32);
-            for head in row.chunks_exact_mut(head_dim) {
-                let (x1, x2) = (head[j], head[half + j]);
-                head[j] = x1 * cos - x2 * sin;
-                head[half + j] = x2 * cos + x1 * sin;
-            }
+    // ~1e-4 rad. One sin_cos per (position, frequency), shared by all heads. The
+    // frequencies go through a stack table (no allocation: this runs every decode
+    // step), FREQS at a time; every head of every model so far needs one pass.
+    const FREQS: usize = 64;
+    let mut inv_freq = [0f64; FREQS];
+    for j0 in (0..half).step_by(FREQS) {
+        let freqs = &mut inv_freq[..(half - j0).min(FREQS)];
+        for (i, f) in freqs.iter_mut().enumerate() {
+            *f = (theta as f64).powf(-2.0 * (j0 + i) as f64 / rot_dims as f64);
         }
-    };
-    if positions.len() * width >= PAR_MIN {
-        x.par_chunks_mut(width)
-            .zip(positions.par_iter())
-            .for_each(|(row, &pos)| rotate_row(row, pos));
-    } else {
-        for (row, &pos) in x.chunks_exact_mut(width).zip(positions) {
-            rotate_row(row, pos);
+        let freqs = &*freqs;
+        let rotate_row = |row: &mut [f32], pos: usize| {
+            for (i, &f) in freqs.iter().enumerate() {
+                let (sin, cos) = (pos as f64 * f).sin_cos();
+                let (sin, cos) = (sin as f32, cos as f32);
+                let j = j0 + i;
+                for head in row.chunks_exact_mut(head_dim) {
+                    let (x1, x2) = (head[j], head[half + j]);
+                    head[j] = x1 * cos - x2 * sin;
+                    head[half + j] = x2 * cos + x1 * sin;
+                }
+            }
+        };
+        if positions.len() * width >= PAR_MIN {
+            x.par_chunks_mut(width)
+                .zip(positions.par_iter())
+                .for_each(|(row, &pos)| rotate_row(row, pos));
+        } else {
+            for (row, &pos) in x.chunks_exact_mut(width).zip(positions) {
+                rotate_row(row, pos);
+            }
         }
     }
 }
