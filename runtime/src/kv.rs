@@ -24,6 +24,8 @@ pub struct BlockPool {
     free: Vec<u32>,
     seqs: HashMap<SeqId, SeqState>,
     next_seq: SeqId,
+    /// blocks a new sequence's table has room for before it must grow
+    table_capacity: usize,
 }
 
 impl BlockPool {
@@ -37,7 +39,16 @@ impl BlockPool {
             free: (0..n_blocks as u32).rev().collect(),
             seqs: HashMap::new(),
             next_seq: 0,
+            table_capacity: 0,
         }
+    }
+
+    /// Gives every new sequence's block table room for `positions` positions
+    /// (e.g. the model's context) up front, so [`BlockPool::reserve`] never
+    /// reallocates a table while a sequence grows (decode steps allocate nothing).
+    pub fn with_sequence_capacity(mut self, positions: usize) -> Self {
+        self.table_capacity = self.blocks_for(positions).min(self.n_blocks);
+        self
     }
 
     /// Blocks needed for `positions` positions.
@@ -60,7 +71,11 @@ impl BlockPool {
     pub fn new_sequence(&mut self) -> SeqId {
         let id = self.next_seq;
         self.next_seq += 1;
-        self.seqs.insert(id, SeqState::default());
+        let state = SeqState {
+            table: Vec::with_capacity(self.table_capacity),
+            len: 0,
+        };
+        self.seqs.insert(id, state);
         id
     }
 
@@ -78,10 +93,12 @@ impl BlockPool {
     }
 
     /// Makes room for positions `0..new_len` of `seq`. All or nothing: on a full
-    /// pool nothing is allocated and the sequence is unchanged.
+    /// pool nothing is allocated and the sequence is unchanged. Allocates nothing
+    /// while the table stays within [`BlockPool::with_sequence_capacity`].
     pub fn reserve(&mut self, seq: SeqId, new_len: usize) -> Result<()> {
-        let have = self.seq(seq)?.table.len();
-        let need = self.blocks_for(new_len).saturating_sub(have);
+        let blocks = self.blocks_for(new_len);
+        let state = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq))?;
+        let need = blocks.saturating_sub(state.table.len());
         if need > self.free.len() {
             return Err(Error::KvCacheFull {
                 seq,
@@ -90,13 +107,9 @@ impl BlockPool {
                 total: self.n_blocks,
             });
         }
-        let at = self.free.len() - need;
-        let blocks: Vec<u32> = self.free.drain(at..).rev().collect();
-        self.seqs
-            .get_mut(&seq)
-            .expect("checked above")
-            .table
-            .extend(blocks);
+        for _ in 0..need {
+            state.table.push(self.free.pop().expect("checked above"));
+        }
         Ok(())
     }
 
