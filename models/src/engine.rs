@@ -1,5 +1,6 @@
 //! The engine: a loaded model shared by every caller, and the generation loop.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mipha_runtime::{
-    Backend, BindOptions, BlockPool, Capture, CpuBackend, Error, Input, KvConfig, MqfFile, Plan, Result, SeqId,
-    Step, Weights,
+    Backend, BindOptions, BlockPool, Capture, CpuBackend, Error, Input, KvConfig, MqfFile, Plan,
+    Result, SeqId, Step, Weights,
 };
 
 use crate::config::{PhiConfig, VisionConfig};
@@ -85,7 +86,8 @@ struct Vision {
 }
 
 /// A loaded model. Cheap to share (`Arc<Engine>`); forward steps of different
-/// sequences are serialised on its backend.
+/// sequences are serialised on its backend (a whole answer at a time, see
+/// [`Engine::decode_with`]).
 pub struct Engine {
     file: Arc<MqfFile>,
     config: PhiConfig,
@@ -95,6 +97,8 @@ pub struct Engine {
     weights: Weights,
     vision: Option<Vision>,
     exec: Mutex<Exec>,
+    /// the backends' threads; decode loops run on one of them
+    pool: Arc<rayon::ThreadPool>,
     image_cache: Mutex<VecDeque<(u128, Arc<Vec<f32>>)>>,
     options: EngineOptions,
     load_time: Duration,
@@ -131,7 +135,9 @@ impl Engine {
         };
         let pool = CpuBackend::thread_pool(options.threads)?;
         let backend = CpuBackend::with_pool(&plan, Some(kv), pool.clone())?;
-        let blocks = BlockPool::new(kv.n_blocks, kv.block_size);
+        // Block tables hold a full context from the start: a decode step never grows one.
+        let blocks = BlockPool::new(kv.n_blocks, kv.block_size)
+            .with_sequence_capacity(config.max_position_embeddings);
         let vision = match VisionConfig::from_metadata(meta)? {
             Some(vc) => {
                 if vc.projector_hidden != config.hidden_size {
@@ -163,7 +169,7 @@ impl Engine {
         };
         let vision_exec = match &vision {
             Some(v) => Some(VisionExec {
-                backend: Box::new(CpuBackend::with_pool(&v.plan, None, pool)?),
+                backend: Box::new(CpuBackend::with_pool(&v.plan, None, pool.clone())?),
                 patches: Vec::new(),
             }),
             None => None,
@@ -181,6 +187,7 @@ impl Engine {
                 blocks,
                 vision: vision_exec,
             }),
+            pool,
             image_cache: Mutex::new(VecDeque::new()),
             options,
             load_time: start.elapsed(),
@@ -215,6 +222,11 @@ impl Engine {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Exec> {
+        assert!(
+            DECODING.get() != self as *const Engine as usize,
+            "an engine was called from inside its own decode loop (e.g. from an on_token \
+             callback); that would deadlock"
+        );
         // A panic in another caller cannot leave the pool half-updated (every
         // change is a single call), so a poisoned lock is still usable.
         self.exec.lock().unwrap_or_else(|e| e.into_inner())
@@ -247,15 +259,28 @@ impl Engine {
         inputs: &[Input],
         which: Logits,
         logits: &mut Vec<f32>,
-        mut capture: Option<&mut (dyn Capture + '_)>,
+        capture: Option<&mut (dyn Capture + '_)>,
     ) -> Result<()> {
         if inputs.is_empty() {
             return Err(Error::Other("forward: no inputs".into()));
         }
-        let mut guard = self.lock();
+        self.forward_in(&mut self.lock(), seq, inputs, which, logits, capture)
+    }
+
+    /// [`Engine::forward`] with the engine already locked. Allocates nothing when
+    /// `which` is [`Logits::Last`] and `logits` already holds a row.
+    fn forward_in(
+        &self,
+        exec: &mut Exec,
+        seq: SeqId,
+        inputs: &[Input],
+        which: Logits,
+        logits: &mut Vec<f32>,
+        mut capture: Option<&mut (dyn Capture + '_)>,
+    ) -> Result<()> {
         let Exec {
             backend, blocks, ..
-        } = &mut *guard;
+        } = exec;
         let start = blocks.len(seq)?;
         let total = start + inputs.len();
         if total > self.context_length() {
@@ -409,12 +434,14 @@ impl Engine {
 
     /// Prefills `prompt` into a fresh sequence and decodes up to
     /// `opts.max_tokens` tokens. `on_token` sees each new token and the text it
-    /// completes; returning `false` stops the generation.
+    /// completes; returning `false` stops the generation. It runs on one of the
+    /// engine's threads while the engine is held (see [`Engine::decode_with`]), so
+    /// it must be `Send` and must not call into this engine.
     pub fn generate(
         &self,
         prompt: &[u32],
         opts: &GenerateOptions,
-        on_token: impl FnMut(u32, &str) -> bool,
+        on_token: impl FnMut(u32, &str) -> bool + Send,
     ) -> Result<Generation> {
         opts.sampling.validate().map_err(Error::Config)?;
         if prompt.is_empty() {
@@ -445,11 +472,10 @@ impl Engine {
         result
     }
 
-    /// The decode loop shared by [`Engine::generate`] and sessions: samples from
-    /// `logits` (the last prefilled position), feeds each token back, stops at EOS,
-    /// `max_tokens`, the context end, the deadline, cancellation or when `on_token`
-    /// returns false. Every token it returns except a final EOS (or one sampled at a
-    /// stop) is in the KV cache; `history` gains them all.
+    /// The decode loop shared by [`Engine::generate`] and sessions: [`Decoder::step`]
+    /// until a stop, handing each token to `on_token` (returning false stops it).
+    /// Every token it returns except a final EOS (or one sampled at a stop) is in
+    /// the KV cache; `history` gains them all.
     pub(crate) fn decode(
         &self,
         seq: SeqId,
@@ -457,55 +483,263 @@ impl Engine {
         history: &mut Vec<u32>,
         opts: &GenerateOptions,
         cancel: Option<&CancelToken>,
-        mut on_token: impl FnMut(u32, &str) -> bool,
+        mut on_token: impl FnMut(u32, &str) -> bool + Send,
     ) -> Result<Decoded> {
-        let t0 = Instant::now();
+        self.decode_with(seq, logits, history, opts, cancel, |d| {
+            let stop = loop {
+                match d.step()? {
+                    DecodeStep::Token { id, piece } => {
+                        if !on_token(id, piece) {
+                            break d.stop(StopReason::Cancelled);
+                        }
+                    }
+                    DecodeStep::Stop(s) => break s,
+                }
+            };
+            d.finish(stop)
+        })?
+    }
+
+    /// Runs `f` with a [`Decoder`] that generates `seq`'s continuation token by
+    /// token. `logits` must hold the logits of the sequence's last position (a
+    /// [`Logits::Last`] forward) and `history` the ids so far (for the repetition
+    /// penalty); both are updated as the decoder goes.
+    ///
+    /// The engine is held for the whole call (one lock per answer, none per
+    /// token; other callers wait) and `f` runs on one of the engine's compute
+    /// threads, so a step hands no work across threads. Hence `f` must be `Send`
+    /// and must not call into this engine (from its own thread that panics
+    /// rather than deadlocks).
+    ///
+    /// After warm-up (the first step or two, which may size per-thread scratch),
+    /// [`Decoder::step`] does not allocate: see there.
+    pub fn decode_with<R: Send>(
+        &self,
+        seq: SeqId,
+        logits: &mut Vec<f32>,
+        history: &mut Vec<u32>,
+        opts: &GenerateOptions,
+        cancel: Option<&CancelToken>,
+        f: impl FnOnce(&mut Decoder<'_>) -> R + Send,
+    ) -> Result<R> {
+        opts.sampling.validate().map_err(Error::Config)?;
+        let vocab = self.config.vocab_size;
+        if logits.len() != vocab {
+            return Err(Error::Other(format!(
+                "decoding starts from one row of {vocab} logits (a Logits::Last forward), \
+                 got {} values",
+                logits.len()
+            )));
+        }
+        let mut guard = self.lock();
+        let exec = &mut *guard;
+        let held = exec.blocks.len(seq)?;
+        // Everything a step appends to is sized here, for the longest answer
+        // the context leaves room for.
+        let most = opts
+            .max_tokens
+            .min(self.context_length().saturating_sub(held) + 1);
+        history.reserve(most);
         let mut sampler = Sampler::new(opts.sampling.clone());
-        let mut tokens = Vec::new();
-        let mut decoder = TextDecoder::default();
+        sampler.reserve(vocab);
+        let mut decoder = Decoder {
+            engine: self,
+            exec,
+            seq,
+            logits,
+            history,
+            opts,
+            cancel,
+            sampler,
+            tokens: Vec::with_capacity(most),
+            text: TextDecoder::new(&self.tokenizer),
+            text_tokens: 0,
+            pending: None,
+            fed: 0,
+            stop: None,
+            failed: false,
+            start: Instant::now(),
+        };
+        Ok(self.pool.install(|| {
+            let _inside = Inside::enter(self);
+            f(&mut decoder)
+        }))
+    }
+}
+
+thread_local! {
+    /// The engine whose decode loop this thread is running (its address), so a
+    /// callback calling back into it fails loudly instead of deadlocking.
+    static DECODING: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks this thread as inside an engine's decode loop until dropped.
+struct Inside(usize);
+
+impl Inside {
+    fn enter(engine: &Engine) -> Self {
+        Inside(DECODING.replace(engine as *const Engine as usize))
+    }
+}
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        DECODING.set(self.0);
+    }
+}
+
+/// What one [`Decoder::step`] produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecodeStep<'a> {
+    /// a new token and the text it completes (possibly empty: part of a character)
+    Token { id: u32, piece: &'a str },
+    /// generation is over (a final EOS is in [`Decoder::tokens`] but not fed)
+    Stop(StopReason),
+}
+
+/// One sequence's generation, step by step: made by [`Engine::decode_with`],
+/// used by [`Engine::generate`] and [`crate::Session::ask`] for every token.
+pub struct Decoder<'a> {
+    engine: &'a Engine,
+    exec: &'a mut Exec,
+    seq: SeqId,
+    logits: &'a mut Vec<f32>,
+    history: &'a mut Vec<u32>,
+    opts: &'a GenerateOptions,
+    cancel: Option<&'a CancelToken>,
+    sampler: Sampler,
+    tokens: Vec<u32>,
+    text: TextDecoder,
+    /// how many of `tokens` went through `text`
+    text_tokens: usize,
+    /// the latest token, fed to the model at the start of the next step
+    pending: Option<u32>,
+    fed: usize,
+    stop: Option<StopReason>,
+    failed: bool,
+    start: Instant,
+}
+
+impl Decoder<'_> {
+    /// One decode step: feeds the previous token through the model (KV cache
+    /// write and logits of its position), checks the stop conditions (cancel,
+    /// deadline, `max_tokens`, context end), samples the next token from the
+    /// logits (greedy, or temperature / top-k / top-p / min-p / repetition
+    /// penalty), stops at EOS, and decodes the token's text. The first step
+    /// samples from the logits the decoder was given.
+    ///
+    /// **A step does not allocate** once warmed up (the first step or two may
+    /// size per-thread scratch): activation and KV buffers, block tables,
+    /// token lists, sampling scratch and text buffers are all sized in advance
+    /// (the zero-allocation test, `tests/tests/zero_alloc_decode.rs`, counts
+    /// every allocation on every thread). The exception is a tokenizer whose
+    /// decoder is not byte-level (`mipha-convert` always writes a byte-level
+    /// one): its text goes through `tokenizers`, which allocates. A step takes no lock either: the engine is
+    /// held by [`Engine::decode_with`] for the whole answer.
+    ///
+    /// After `Stop`, further steps return the same stop. After an error the
+    /// decoder is done: further steps fail.
+    pub fn step(&mut self) -> Result<DecodeStep<'_>> {
+        if self.failed {
+            return Err(Error::Other("this decoder failed earlier".into()));
+        }
+        if let Some(s) = self.stop {
+            return Ok(DecodeStep::Stop(s));
+        }
+        if let Some(prev) = self.pending.take() {
+            if let Some(s) = self.stopped() {
+                return Ok(DecodeStep::Stop(self.stop(s)));
+            }
+            let held = self.exec.blocks.len(self.seq)?;
+            if held + 1 >= self.engine.context_length() {
+                return Ok(DecodeStep::Stop(self.stop(StopReason::ContextFull)));
+            }
+            let fed = self.engine.forward_in(
+                self.exec,
+                self.seq,
+                &[Input::Token(prev)],
+                Logits::Last,
+                self.logits,
+                None,
+            );
+            if let Err(e) = fed {
+                self.failed = true;
+                return Err(e);
+            }
+            self.fed += 1;
+        }
+        if let Some(s) = self.stopped() {
+            return Ok(DecodeStep::Stop(self.stop(s)));
+        }
+        let next = self.sampler.sample(self.logits, self.history);
+        self.tokens.push(next);
+        self.history.push(next);
+        if next == self.engine.tokenizer.eos_token_id() && !self.opts.ignore_eos {
+            return Ok(DecodeStep::Stop(self.stop(StopReason::Eos)));
+        }
+        self.pending = Some(next);
+        self.text_tokens += 1;
+        match self.text.push(&self.engine.tokenizer, next) {
+            Ok(piece) => Ok(DecodeStep::Token { id: next, piece }),
+            Err(e) => {
+                self.failed = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends the generation here (e.g. the consumer went away): the latest token
+    /// is not fed. Returns `reason`, or the stop already reached.
+    pub fn stop(&mut self, reason: StopReason) -> StopReason {
+        self.pending = None;
+        *self.stop.get_or_insert(reason)
+    }
+
+    fn stopped(&self) -> Option<StopReason> {
+        if self.cancel.is_some_and(|c| c.is_cancelled()) {
+            Some(StopReason::Cancelled)
+        } else if self.opts.deadline.is_some_and(|d| Instant::now() >= d) {
+            Some(StopReason::Deadline)
+        } else if self.tokens.len() >= self.opts.max_tokens {
+            Some(StopReason::MaxTokens)
+        } else {
+            None
+        }
+    }
+
+    /// The tokens generated so far (a final EOS included).
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// How many of [`Decoder::tokens`] are in the KV cache.
+    pub fn fed(&self) -> usize {
+        self.fed
+    }
+
+    /// The logits the latest token was sampled from (after the repetition penalty).
+    pub fn logits(&self) -> &[f32] {
+        self.logits
+    }
+
+    /// The text of the tokens so far, as the steps' pieces concatenated
+    /// (allocates; not part of a step).
+    pub fn text(&self) -> Result<String> {
+        let mut d = TextDecoder::new(&self.engine.tokenizer);
         let mut text = String::new();
-        let mut fed = 0;
-        let stopped = |tokens: &Vec<u32>| -> Option<StopReason> {
-            if cancel.is_some_and(|c| c.is_cancelled()) {
-                Some(StopReason::Cancelled)
-            } else if opts.deadline.is_some_and(|d| Instant::now() >= d) {
-                Some(StopReason::Deadline)
-            } else if tokens.len() >= opts.max_tokens {
-                Some(StopReason::MaxTokens)
-            } else {
-                None
-            }
-        };
-        let stop = loop {
-            if let Some(s) = stopped(&tokens) {
-                break s;
-            }
-            let next = sampler.sample(logits, history);
-            tokens.push(next);
-            history.push(next);
-            if next == self.tokenizer.eos_token_id() && !opts.ignore_eos {
-                break StopReason::Eos;
-            }
-            let piece = decoder.push(&self.tokenizer, next)?;
-            text.push_str(&piece);
-            if !on_token(next, &piece) {
-                break StopReason::Cancelled;
-            }
-            if let Some(s) = stopped(&tokens) {
-                break s;
-            }
-            if self.sequence_len(seq)? + 1 >= self.context_length() {
-                break StopReason::ContextFull;
-            }
-            self.forward(seq, &[Input::Token(next)], Logits::Last, logits, None)?;
-            fed += 1;
-        };
+        for &id in &self.tokens[..self.text_tokens] {
+            text.push_str(d.push(&self.engine.tokenizer, id)?);
+        }
+        Ok(text)
+    }
+
+    fn finish(&mut self, stop: StopReason) -> Result<Decoded> {
         Ok(Decoded {
-            tokens,
-            text,
+            text: self.text()?,
+            tokens: std::mem::take(&mut self.tokens),
             stop,
-            fed,
-            elapsed: t0.elapsed(),
+            fed: self.fed,
+            elapsed: self.start.elapsed(),
         })
     }
 }
@@ -543,29 +777,94 @@ impl CancelToken {
 
 /// Turns a token stream into text pieces that never split a UTF-8 character
 /// (byte-level BPE tokens may hold part of one).
-/// Decodes a short window, not the whole answer, so each token costs the same.
+///
+/// With a byte-level tokenizer ([`MiphaTokenizer::token_bytes`], every Phi-2
+/// file) a piece is assembled from the token's bytes in buffers sized once by
+/// [`TextDecoder::new`]: [`TextDecoder::push`] then never allocates. Bytes that can
+/// never become valid UTF-8 come out as U+FFFD as `tokenizers` decodes them; an
+/// incomplete character waits for the token that completes it. Other decoders fall
+/// back to re-decoding a short window through `tokenizers` (which allocates).
 #[derive(Default)]
 pub struct TextDecoder {
+    /// bytes of an incomplete character, then the newest token's bytes
+    pending: Vec<u8>,
+    /// the last piece
+    piece: String,
+    /// fallback state: ids of the window (`prefix..`), emitted up to `read`
     ids: Vec<u32>,
-    /// start of the window re-decoded for context (byte-level merges look back)
     prefix: usize,
-    /// ids up to here have been emitted as text
     read: usize,
 }
 
 impl TextDecoder {
+    /// A decoder with its buffers sized for `tok`'s longest token.
+    pub fn new(tok: &MiphaTokenizer) -> Self {
+        let mut d = TextDecoder::default();
+        if let Some(b) = tok.token_bytes() {
+            d.reserve(b.max_len());
+        }
+        d
+    }
+
+    fn reserve(&mut self, max_token: usize) {
+        // at most 3 held bytes + one token; an invalid byte grows to U+FFFD (3 bytes)
+        let held = max_token + 4;
+        self.pending
+            .reserve(held.saturating_sub(self.pending.len()));
+        self.piece
+            .reserve((3 * held).saturating_sub(self.piece.len()));
+    }
+
     /// Adds `id`; returns the text it completes (possibly empty).
-    pub fn push(&mut self, tok: &MiphaTokenizer, id: u32) -> Result<String> {
+    pub fn push(&mut self, tok: &MiphaTokenizer, id: u32) -> Result<&str> {
+        let Some(table) = tok.token_bytes() else {
+            return self.push_window(tok, id);
+        };
+        self.reserve(table.max_len());
+        self.pending.extend_from_slice(table.get(id));
+        self.piece.clear();
+        let mut at = 0;
+        while at < self.pending.len() {
+            match std::str::from_utf8(&self.pending[at..]) {
+                Ok(s) => {
+                    self.piece.push_str(s);
+                    at = self.pending.len();
+                }
+                Err(e) => {
+                    let valid = &self.pending[at..at + e.valid_up_to()];
+                    self.piece
+                        .push_str(std::str::from_utf8(valid).expect("checked by from_utf8"));
+                    at += e.valid_up_to();
+                    match e.error_len() {
+                        // as `String::from_utf8_lossy`: one U+FFFD per bad sequence
+                        Some(n) => {
+                            self.piece.push('\u{fffd}');
+                            at += n;
+                        }
+                        // an incomplete character at the end: wait for more
+                        None => break,
+                    }
+                }
+            }
+        }
+        self.pending.drain(..at);
+        Ok(&self.piece)
+    }
+
+    /// Tokenizers without a byte table: decode a short window before and after `id`.
+    fn push_window(&mut self, tok: &MiphaTokenizer, id: u32) -> Result<&str> {
         self.ids.push(id);
         let before = tok.decode(&self.ids[self.prefix..self.read])?;
         let after = tok.decode(&self.ids[self.prefix..])?;
+        self.piece.clear();
         if after.len() <= before.len() || after.ends_with('\u{fffd}') {
-            return Ok(String::new());
+            return Ok(&self.piece);
         }
-        let piece = after.get(before.len()..).unwrap_or_default().to_string();
+        self.piece
+            .push_str(after.get(before.len()..).unwrap_or_default());
         self.prefix = self.read;
         self.read = self.ids.len();
-        Ok(piece)
+        Ok(&self.piece)
     }
 }
 

@@ -44,10 +44,10 @@ pub mod tokenizer;
 
 pub use config::{PhiConfig, VisionConfig};
 pub use engine::{
-    CancelToken, Engine, EngineOptions, GenerateOptions, Generation, Logits, StopReason,
-    TextDecoder, Timings,
+    CancelToken, DecodeStep, Decoder, Engine, EngineOptions, GenerateOptions, Generation, Logits,
+    StopReason, TextDecoder, Timings,
 };
 pub use sampling::{Sampler, SamplingParams};
 pub use session::{ImageEmbeds, Reply, Session, TurnStats};
 pub use template::{ChatTemplate, Segment, Turn};
-pub use tokenizer::{MiphaTokenizer, PromptId};
+pub use tokenizer::{MiphaTokenizer, PromptId, TokenBytes};

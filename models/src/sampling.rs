@@ -125,12 +125,20 @@ impl Sampler {
         }
     }
 
+    /// Sizes the scratch for `n_logits` candidates up front, so [`Sampler::sample`]
+    /// never allocates (otherwise the first sampled token sizes it).
+    pub fn reserve(&mut self, n_logits: usize) {
+        let c = &mut self.candidates;
+        c.reserve(n_logits.saturating_sub(c.len()));
+    }
+
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
 
     /// Chooses the next token. `history` holds the tokens so far (prompt and
     /// generated) for the repetition penalty; `logits` is modified in place.
+    /// Allocates nothing once the scratch holds `logits.len()` candidates.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         let p = &self.params;
         if p.repeat_penalty != 1.0 {

@@ -186,12 +186,16 @@ impl Session {
     /// `on_token` returning false ends the answer early; what was said so far
     /// stays in the conversation. On an error the question is withdrawn and the
     /// session is as before.
+    ///
+    /// `on_token` runs on one of the engine's threads while the engine is held
+    /// for the answer (see [`Engine::decode_with`]): it must be `Send` and must not
+    /// call into the engine. The answer's decode steps do not allocate.
     pub fn ask(
         &mut self,
         question: &str,
         opts: &GenerateOptions,
         cancel: Option<&CancelToken>,
-        on_token: impl FnMut(u32, &str) -> bool,
+        on_token: impl FnMut(u32, &str) -> bool + Send,
     ) -> Result<Reply> {
         opts.sampling.validate().map_err(Error::Config)?;
         let start = Instant::now();

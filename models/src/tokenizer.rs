@@ -17,6 +17,89 @@ pub struct MiphaTokenizer {
     inner: tokenizers::Tokenizer,
     eos: u32,
     image_token_index: i64,
+    /// every id's decoded bytes, for a byte-level decoder (see [`TokenBytes`])
+    bytes: Option<TokenBytes>,
+}
+
+/// The bytes each token id decodes to, taken from the vocabulary once at load so
+/// that streaming text needs no tokenizer call (and no allocation) per token.
+/// Built only when the tokenizer's decoder is plain `ByteLevel`, whose decoding is
+/// exactly "concatenate each token's bytes, then UTF-8 (lossy)"; ids the tokenizer
+/// does not know decode to nothing, as `tokenizers` skips them.
+pub struct TokenBytes {
+    bytes: Vec<u8>,
+    /// `bytes[offsets[id]..offsets[id + 1]]` is the id's text
+    offsets: Vec<u32>,
+    max_len: usize,
+}
+
+impl TokenBytes {
+    fn build(inner: &tokenizers::Tokenizer) -> Option<Self> {
+        if !matches!(
+            inner.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        ) {
+            return None;
+        }
+        let n = inner
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&m| m as usize + 1);
+        let mut bytes = Vec::new();
+        let mut offsets = Vec::with_capacity(n + 1);
+        offsets.push(0u32);
+        let mut max_len = 0;
+        for id in 0..n as u32 {
+            let start = bytes.len();
+            if let Some(token) = inner.id_to_token(id) {
+                // As `ByteLevel::decode_chain`: every char through the GPT-2 byte
+                // alphabet, or the token's own UTF-8 if any char is outside it
+                // (added tokens such as runs of spaces).
+                let mapped: Option<Vec<u8>> = token.chars().map(byte_level_byte).collect();
+                bytes.extend_from_slice(mapped.as_deref().unwrap_or(token.as_bytes()));
+            }
+            max_len = max_len.max(bytes.len() - start);
+            offsets.push(u32::try_from(bytes.len()).ok()?);
+        }
+        Some(TokenBytes {
+            bytes,
+            offsets,
+            max_len,
+        })
+    }
+
+    /// The bytes of `id` (empty for an unknown id).
+    pub fn get(&self, id: u32) -> &[u8] {
+        let i = id as usize;
+        if i + 1 >= self.offsets.len() {
+            return &[];
+        }
+        &self.bytes[self.offsets[i] as usize..self.offsets[i + 1] as usize]
+    }
+
+    /// Most bytes one token decodes to.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+}
+
+/// The byte a char of GPT-2's byte-level alphabet stands for: printable Latin-1
+/// stands for itself, the other 68 bytes (controls, space, DEL, NBSP, soft hyphen)
+/// were moved, in order, to U+0100.. (`bytes_to_unicode` in the GPT-2 encoder).
+fn byte_level_byte(c: char) -> Option<u8> {
+    let c = c as u32;
+    let printable = |b: u32| {
+        (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b)
+    };
+    if printable(c) {
+        return Some(c as u8);
+    }
+    let n = c.checked_sub(0x100)?;
+    (0u32..=0xff)
+        .filter(|&b| !printable(b))
+        .nth(n as usize)
+        .map(|b| b as u8)
 }
 
 impl MiphaTokenizer {
@@ -28,6 +111,7 @@ impl MiphaTokenizer {
         let eos = u32::try_from(eos)
             .map_err(|_| Error::Config(format!("tokenizer.eos_token_id {eos} is out of range")))?;
         Ok(MiphaTokenizer {
+            bytes: TokenBytes::build(&inner),
             inner,
             eos,
             image_token_index: m.get_i64("tokenizer.image_token_index").unwrap_or(-200),
@@ -79,6 +163,12 @@ impl MiphaTokenizer {
         self.inner
             .decode(ids, false)
             .map_err(|e| Error::Other(format!("tokenizer: {e}")))
+    }
+
+    /// Each id's bytes, when the decoder is byte-level (streaming text then needs
+    /// no tokenizer call per token); `None` for other decoders.
+    pub fn token_bytes(&self) -> Option<&TokenBytes> {
+        self.bytes.as_ref()
     }
 
     pub fn vocab_size(&self) -> usize {
