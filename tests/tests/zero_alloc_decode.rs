@@ -7,8 +7,8 @@
 //!
 //! The steps measured span more than 63 tokens (rayon's injector allocates a block
 //! per 63 jobs sent into a pool from outside it) and many KV block boundaries
-//! (these engines page every 4 positions). An ignored test goes on to the end of
-//! the context.
+//! (these engines page every 4 positions). One test goes on to the end of the
+//! context (past the length where decode attention splits over the sequence).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -287,9 +287,6 @@ fn sampled_decode_steps_do_not_allocate() {
 
 /// Every KV block and every attention length up to the end of the context.
 #[test]
-#[ignore = "attention's split-K partials (kernels/src/cpu/attention.rs) grow once when a \
-            decode first reaches 1024 keys on a thread; run with --ignored once they are \
-            sized up front"]
 fn decode_steps_to_the_end_of_the_context_do_not_allocate() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();

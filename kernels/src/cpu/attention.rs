@@ -1260,7 +1260,16 @@ fn rows(a: &Args, out: &mut [f32], k: &Kernels) {
     } else {
         1
     };
+    // Split-K partials: (acc[hd], max, sum) per (row, head, chunk). Sized for
+    // `want` chunks on every call, split or not, so the first decode step (the
+    // warm-up) allocates it and a context growing past SPLIT_MIN_KEYS never does.
+    let width = hd + 2;
+    let mut parts = PARTIALS.take();
+    if parts.len() < tasks * want * width {
+        parts.resize(tasks * want * width, 0.0);
+    }
     if chunks <= 1 {
+        PARTIALS.set(parts);
         out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
             let (i, h) = (idx / a.n_heads, idx % a.n_heads);
             let q = &a.q[idx * hd..(idx + 1) * hd];
@@ -1272,15 +1281,8 @@ fn rows(a: &Args, out: &mut [f32], k: &Kernels) {
         return;
     }
 
-    // Split-K: partial (acc[hd], max, sum) per (row, head, chunk), then merged.
-    // The buffer is sized for `want` chunks whatever the context, so a growing
-    // decode reallocates it at most once.
-    let width = hd + 2;
+    // Split-K: the chunks' partials, then merged.
     let len = tasks * chunks * width;
-    let mut parts = PARTIALS.take();
-    if parts.len() < len {
-        parts.resize(tasks * want * width, 0.0);
-    }
     parts[..len]
         .par_chunks_mut(width)
         .enumerate()
