@@ -182,7 +182,9 @@ impl SiglipEncoderLayer {
         self.layer_norm1.forward(g, h, s.ln);
         self.self_attn.forward(g, s, s.ln, h);
         self.layer_norm2.forward(g, h, s.ln);
-        self.mlp.fc1.forward_gelu(g, s.ln, s.mlp_hidden, GeluKind::Tanh);
+        self.mlp
+            .fc1
+            .forward_gelu(g, s.ln, s.mlp_hidden, GeluKind::Tanh);
         self.mlp.fc2.forward_residual(g, s.mlp_hidden, h);
     }
 }
