@@ -18,7 +18,7 @@ mod cost;
 mod probe;
 mod worker;
 
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
@@ -323,8 +323,40 @@ fn load_average() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// Where figures go as soon as they are known: JSON lines on stdout (`--json`)
+/// and in `--json-out`, so a run that is stopped keeps what it measured.
+struct Sink {
+    stdout: bool,
+    file: Option<std::fs::File>,
+    figures: Vec<Figure>,
+}
+
+impl Sink {
+    fn push(&mut self, f: Figure) -> BoxResult<()> {
+        let line = f.json().to_string();
+        if self.stdout {
+            println!("{line}");
+        }
+        if let Some(file) = &mut self.file {
+            writeln!(file, "{line}")?;
+            file.flush()?;
+        }
+        self.figures.push(f);
+        Ok(())
+    }
+}
+
 fn run(args: &Args) -> BoxResult<()> {
     let s = settings(args);
+    let file = match &args.json_out {
+        Some(p) => Some(std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?),
+        None => None,
+    };
+    let mut sink = Sink {
+        stdout: args.json,
+        file,
+        figures: Vec::new(),
+    };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let level = mipha_kernels::cpu::dispatch::level().name();
     let mut header = vec![format!(
@@ -333,7 +365,6 @@ fn run(args: &Args) -> BoxResult<()> {
         load_average()
     )];
     eprintln!("{}", header[0]);
-    let mut figures = Vec::new();
 
     // Machine probes.
     let max_threads = s.threads.iter().copied().max().unwrap_or(1);
@@ -383,7 +414,7 @@ fn run(args: &Args) -> BoxResult<()> {
             ),
             ("int8_dot_gop_s", "GOP/s", &int8[i], int8[i].isa.to_string()),
         ] {
-            figures.push(Figure {
+            sink.push(Figure {
                 name,
                 quant: None,
                 vision_quant: None,
@@ -393,7 +424,7 @@ fn run(args: &Args) -> BoxResult<()> {
                 samples: r.samples.clone(),
                 bound: None,
                 note: Some(note),
-            });
+            })?;
         }
     }
     for h in &header[1..] {
@@ -426,17 +457,12 @@ fn run(args: &Args) -> BoxResult<()> {
         ));
         eprintln!("{}", header.last().expect("pushed"));
         for (i, &t) in s.threads.iter().enumerate() {
-            let (raws, ok) = spawn_worker(path, t, &s.spec)?;
-            if let Err(e) = ok {
-                eprintln!("warning: {quant} at {t} threads: {e}");
-                failures.push(format!("{quant} at {t} threads: {e}"));
-            }
-            for raw in raws {
+            let ok = spawn_worker(path, t, &s.spec, &mut |raw| {
                 if raw.samples.is_empty() {
-                    continue;
+                    return Ok(());
                 }
                 let bound = bound_of(&raw, &cost, &bounds[i], s.spec.gen);
-                figures.push(Figure {
+                sink.push(Figure {
                     name: raw.figure,
                     quant: Some(quant.clone()),
                     vision_quant: vq.clone(),
@@ -446,23 +472,20 @@ fn run(args: &Args) -> BoxResult<()> {
                     samples: raw.samples,
                     bound,
                     note: raw.note,
-                });
+                })
+            })?;
+            if let Err(e) = ok {
+                eprintln!("warning: {quant} at {t} threads: {e}");
+                failures.push(format!("{quant} at {t} threads: {e}"));
             }
         }
     }
 
     header.push(format!("load average at the end: {}", load_average()));
-    if let Some(path) = &args.json_out {
-        let lines: String = figures.iter().map(|f| format!("{}\n", f.json())).collect();
-        std::fs::write(path, lines).map_err(|e| format!("{}: {e}", path.display()))?;
-    }
     if args.json {
         eprintln!("{}", header.last().expect("pushed"));
-        for f in &figures {
-            println!("{}", f.json());
-        }
     } else {
-        print_table(&header, &figures);
+        print_table(&header, &sink.figures);
     }
     if failures.is_empty() {
         Ok(())
@@ -471,13 +494,14 @@ fn run(args: &Args) -> BoxResult<()> {
     }
 }
 
-/// Runs the measurements of `model` at `threads` in a child process; returns
-/// what it reported, and whether it finished.
+/// Runs the measurements of `model` at `threads` in a child process, handing
+/// each figure to `on_raw` as it arrives; returns whether the child finished.
 fn spawn_worker(
     model: &Path,
     threads: usize,
     spec: &Spec,
-) -> BoxResult<(Vec<Raw>, Result<(), String>)> {
+    on_raw: &mut dyn FnMut(Raw) -> BoxResult<()>,
+) -> BoxResult<Result<(), String>> {
     let list = |v: &[usize]| {
         let v: Vec<String> = v.iter().map(|n| n.to_string()).collect();
         if v.is_empty() {
@@ -509,14 +533,13 @@ fn spawn_worker(
         .stderr(Stdio::inherit())
         .spawn()?;
     let stdout = child.stdout.take().expect("piped");
-    let mut raws = Vec::new();
     for line in std::io::BufReader::new(stdout).lines() {
         let line = line?;
         match serde_json::from_str(&line)
             .ok()
             .and_then(|v| Raw::from_json(&v))
         {
-            Some(r) => raws.push(r),
+            Some(r) => on_raw(r)?,
             None => eprintln!("warning: unexpected worker output: {line}"),
         }
     }
@@ -526,7 +549,7 @@ fn spawn_worker(
     } else {
         Err(format!("the measuring process exited with {status}"))
     };
-    Ok((raws, ok))
+    Ok(ok)
 }
 
 /// The bound of a figure in its own unit, where it has one.
