@@ -510,7 +510,16 @@ fn spawn_worker(
             v.join(",")
         }
     };
-    let mut cmd = Command::new(std::env::current_exe()?);
+    // This very binary, even if a rebuild replaced the file since the start (a
+    // long run would otherwise measure later quant types with other code, or
+    // fail to find itself).
+    let proc_exe = Path::new("/proc/self/exe");
+    let exe = if proc_exe.exists() {
+        proc_exe.to_path_buf()
+    } else {
+        std::env::current_exe()?
+    };
+    let mut cmd = Command::new(exe);
     cmd.arg("--worker")
         .arg("--model")
         .arg(model)
