@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{quantize_matrix, Rng};
+use common::{magnitudes, quantize_matrix, Rng};
 use mipha_kernels::quant::dequantize_row;
 use mipha_kernels::{cpu, reference, QuantType, WeightView};
 
@@ -24,22 +24,6 @@ const SHAPES: [(usize, usize); 9] = [
     (20, 4304),
 ];
 const MS: [usize; 4] = [1, 3, 17, 64];
-
-/// `sum_k |x_k w_k| + |b|` for each output, from the dequantized weights.
-fn magnitudes(x: &[f32], m: usize, w: &WeightView, bias: Option<&[f32]>) -> Vec<f32> {
-    let mut wabs = vec![0.0f32; w.rows * w.cols];
-    for (j, row) in wabs.chunks_exact_mut(w.cols).enumerate() {
-        dequantize_row(w.ty, w.row(j), row);
-        row.iter_mut().for_each(|v| *v = v.abs());
-    }
-    let xabs: Vec<f32> = x.iter().map(|v| v.abs()).collect();
-    let babs: Option<Vec<f32>> = bias.map(|b| b.iter().map(|v| v.abs()).collect());
-    let bytes: &[u8] = bytemuck::cast_slice(&wabs);
-    let view = WeightView::new(QuantType::F32, bytes, w.rows, w.cols);
-    let mut mag = vec![0.0f32; m * w.rows];
-    reference::matmul(&xabs, m, view, babs.as_deref(), &mut mag);
-    mag
-}
 
 fn check(ty: QuantType, n: usize, k: usize, m: usize, with_bias: bool, rng: &mut Rng) {
     let w = rng.vec_normal(n * k, 0.5);

@@ -7,25 +7,10 @@
 
 mod common;
 
-use common::{quantize_matrix, Rng};
+use common::{magnitudes, quantize_matrix, Rng};
 use mipha_kernels::cpu::dispatch::available;
 use mipha_kernels::cpu::{self, PackedMatrix};
-use mipha_kernels::quant::dequantize_row;
 use mipha_kernels::{reference, Epilogue, QuantType, WeightView};
-
-fn magnitudes(x: &[f32], m: usize, w: &WeightView, bias: Option<&[f32]>) -> Vec<f32> {
-    let mut wabs = vec![0.0f32; w.rows * w.cols];
-    for (j, row) in wabs.chunks_exact_mut(w.cols).enumerate() {
-        dequantize_row(w.ty, w.row(j), row);
-        row.iter_mut().for_each(|v| *v = v.abs());
-    }
-    let xabs: Vec<f32> = x.iter().map(|v| v.abs()).collect();
-    let babs: Option<Vec<f32>> = bias.map(|b| b.iter().map(|v| v.abs()).collect());
-    let view = WeightView::new(QuantType::F32, bytemuck::cast_slice(&wabs), w.rows, w.cols);
-    let mut mag = vec![0.0f32; m * w.rows];
-    reference::matmul(&xabs, m, view, babs.as_deref(), &mut mag);
-    mag
-}
 
 #[test]
 fn every_path_matches_the_reference() {

@@ -4,8 +4,8 @@
 // Each test file uses a different subset of these helpers.
 #![allow(dead_code)]
 
-use mipha_kernels::quant::quantize_row;
-use mipha_kernels::QuantType;
+use mipha_kernels::quant::{dequantize_row, quantize_row};
+use mipha_kernels::{reference, QuantType, WeightView};
 
 /// SplitMix64: tiny, fast, and good enough to fill test tensors.
 pub struct Rng(u64);
@@ -97,4 +97,21 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], abs: f32, rel: f32) {
             got[i], want[i], worst.1, worst.0
         );
     }
+}
+
+/// `sum_k |x_k w_k| + |b|` for each matmul output, from the dequantized weights:
+/// the scale a matmul's rounding error is judged against (the result itself may
+/// cancel to near zero).
+pub fn magnitudes(x: &[f32], m: usize, w: &WeightView, bias: Option<&[f32]>) -> Vec<f32> {
+    let mut wabs = vec![0.0f32; w.rows * w.cols];
+    for (j, row) in wabs.chunks_exact_mut(w.cols).enumerate() {
+        dequantize_row(w.ty, w.row(j), row);
+        row.iter_mut().for_each(|v| *v = v.abs());
+    }
+    let xabs: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+    let babs: Option<Vec<f32>> = bias.map(|b| b.iter().map(|v| v.abs()).collect());
+    let view = WeightView::new(QuantType::F32, bytemuck::cast_slice(&wabs), w.rows, w.cols);
+    let mut mag = vec![0.0f32; m * w.rows];
+    reference::matmul(&xabs, m, view, babs.as_deref(), &mut mag);
+    mag
 }
