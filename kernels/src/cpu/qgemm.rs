@@ -268,13 +268,7 @@ pub(crate) fn matmul_packed(
             out: OutPtr(out.as_mut_ptr()),
         };
         // SAFETY: level is supported by this CPU; panel ranges are disjoint.
-        let run =
-            |t: usize| unsafe { job.run(level, w.panels * t / tasks, w.panels * (t + 1) / tasks) };
-        if tasks == 1 {
-            run(0);
-        } else {
-            (0..tasks).into_par_iter().with_min_len(1).for_each(run);
-        }
+        over_panels(w.panels, tasks, |p0, p1| unsafe { job.run(level, p0, p1) });
         return;
     }
     let mut acts = ACTS.take();
@@ -289,18 +283,20 @@ pub(crate) fn matmul_packed(
         epilogue,
         out: OutPtr(out.as_mut_ptr()),
     };
-    let run = |t: usize| {
-        let p0 = w.panels * t / tasks;
-        let p1 = w.panels * (t + 1) / tasks;
-        // SAFETY: level is supported by this CPU; panel ranges are disjoint.
-        unsafe { job.run(level, p0, p1) }
-    };
-    if tasks == 1 {
-        run(0);
-    } else {
-        (0..tasks).into_par_iter().with_min_len(1).for_each(run);
-    }
+    // SAFETY: level is supported by this CPU; panel ranges are disjoint.
+    over_panels(w.panels, tasks, |p0, p1| unsafe { job.run(level, p0, p1) });
     ACTS.set(acts);
+}
+
+/// Splits `panels` into `tasks` static, contiguous ranges `p0..p1`, one per
+/// pool thread (no splitting, and no pool round trip, for a single task).
+fn over_panels(panels: usize, tasks: usize, run: impl Fn(usize, usize) + Sync) {
+    let range = |t: usize| run(panels * t / tasks, panels * (t + 1) / tasks);
+    if tasks == 1 {
+        range(0);
+    } else {
+        (0..tasks).into_par_iter().with_min_len(1).for_each(range);
+    }
 }
 
 struct Job<'a> {
