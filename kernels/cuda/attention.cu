@@ -115,7 +115,8 @@ extern "C" __global__ void attn_decode_split(const float *q, const float *kpool,
                                              const float *vpool, const u32 *table,
                                              int block_size, int kv_dim, int n_tokens,
                                              int n_heads, int n_kv_heads, int D, int first_pos,
-                                             int causal, float scale, int chunk, float *ws) {
+                                             const u32 *positions, int causal, float scale,
+                                             int chunk, float *ws) {
     __shared__ float q_s[MAX_D];
     __shared__ float wm[4], wl[4];
     __shared__ float wacc[4][MAX_D];
@@ -123,7 +124,12 @@ extern "C" __global__ void attn_decode_split(const float *q, const float *kpool,
     int kvh = h / (n_heads / n_kv_heads);
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     long qd = (long)n_heads * D;
-    int limit = causal ? first_pos + i + 1 : first_pos + n_tokens;
+    // Row positions from the device (a replayed CUDA graph: the host writes them
+    // before each launch) or from first_pos. Splits past the row's keys write an
+    // empty partial (max -inf), which the combine skips, so the grid can be sized for
+    // the longest context once.
+    int p0 = positions ? (int)positions[0] : first_pos;
+    int limit = causal ? (positions ? (int)positions[i] : first_pos + i) + 1 : p0 + n_tokens;
     int start = split * chunk, end = min(start + chunk, limit);
 
     for (int d = threadIdx.x; d < D; d += blockDim.x) q_s[d] = q[i * qd + h * D + d];

@@ -109,10 +109,17 @@ extern "C" __global__ void rope_partial(float *x, const u32 *positions, int n_he
 
 // out[t, :] = row ids[t] of the table (stored type `ty`, `row_stride` bytes a row),
 // dequantized. One block per id; ids are checked on the host.
+// An id past `rows` (never passed by the wrappers, which check on the host) gives a
+// NaN row instead of a read outside the table.
 extern "C" __global__ void embedding(const u8 *table, int ty, long row_stride, const u32 *ids,
-                                     float *out, int cols) {
-    const u8 *row = table + (long)ids[blockIdx.x] * row_stride;
+                                     float *out, int cols, int rows) {
+    u32 id = ids[blockIdx.x];
     float *o = out + (long)blockIdx.x * cols;
+    if (id >= (u32)rows) {
+        for (int i = threadIdx.x; i < cols; i += blockDim.x) o[i] = __int_as_float(0x7fc00000);
+        return;
+    }
+    const u8 *row = table + (long)id * row_stride;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) o[i] = load_elem(row, ty, i);
 }
 
@@ -144,15 +151,17 @@ extern "C" __global__ void add_bias(float *out, const float *bias, long n, int c
 }
 
 // Appends rows to a paged KV pool: row i of src ([n, d]) goes to the slot of
-// sequence position first_pos + i (block_table[p / block_size] * block_size +
+// sequence position p = positions[i] (device positions, for replayed graphs) or
+// first_pos + i when positions is null (block_table[p / block_size] * block_size +
 // p % block_size). Grid-stride over n * d.
 extern "C" __global__ void kv_scatter(const float *src, float *pool, const u32 *table,
-                                      int block_size, int first_pos, int n, int d) {
+                                      int block_size, int first_pos, const u32 *positions,
+                                      int n, int d) {
     long total = (long)n * d;
     for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total;
          e += (long)gridDim.x * blockDim.x) {
         int i = e / d, c = e % d;
-        int p = first_pos + i;
+        int p = positions ? (int)positions[i] : first_pos + i;
         long slot = (long)table[p / block_size] * block_size + p % block_size;
         pool[slot * d + c] = src[e];
     }

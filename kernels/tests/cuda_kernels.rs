@@ -23,7 +23,9 @@
 
 use std::sync::OnceLock;
 
-use mipha_kernels::cuda::{CudaError, Device, DeviceBuffer, DeviceKv, GeluKind};
+use mipha_kernels::cuda::{
+    decode_workspace_len, CudaError, Device, DeviceBuffer, DeviceKv, GeluKind,
+};
 use mipha_kernels::quant::{dequantize_row, quantize_row};
 use mipha_kernels::{reference, KvView, QuantType, WeightView};
 
@@ -342,7 +344,17 @@ fn matmul_case(gemm: bool) {
     let shapes: &[(usize, usize, usize)] = if gemm {
         &[(17, 67, 2560), (64, 33, 80), (9, 40, 1000)]
     } else {
-        &[(1, 67, 2560), (3, 33, 80), (1, 5, 10240), (2, 9, 1000)]
+        // m up to 8 in one launch and 12 in two; k = 77 and 1001 take the
+        // element-wise paths (no 16-byte loads), n = 8200 the one-warp-per-row blocks
+        &[
+            (1, 67, 2560),
+            (3, 33, 80),
+            (1, 5, 10240),
+            (2, 9, 1000),
+            (8, 70, 77),
+            (12, 19, 1001),
+            (1, 8200, 96),
+        ]
     };
     for ty in QuantType::ALL {
         for &(m, n, k) in shapes {
@@ -523,6 +535,38 @@ fn attention_case(c: &AttnCase, decode: bool, rng: &mut Rng, dev: &Device) {
         let row_head = i / c.head_dim;
         (2.0 * e_s[row_head] + 1e-5) * vmax
     });
+    if decode {
+        // The graph-replay form: positions read from the device, the split count
+        // sized for a table far longer than the sequence (empty splits must not
+        // change the result), a caller-owned workspace.
+        let mut long_table = table.clone();
+        long_table.resize(n_blocks + 40, 0);
+        let dlt = dev.upload(&long_table).unwrap();
+        let long = DeviceKv {
+            block_table: &dlt,
+            n_blocks: long_table.len(),
+            ..dkv
+        };
+        let positions: Vec<u32> = (0..c.n_tokens).map(|i| (c.first_pos + i) as u32).collect();
+        let dpos = dev.upload(&positions).unwrap();
+        let ws_len = decode_workspace_len(
+            c.n_tokens,
+            c.n_heads,
+            c.head_dim,
+            long_table.len() * c.block_size,
+        );
+        let mut ws = dev.zeros::<f32>(ws_len).unwrap();
+        let mut out2 = poisoned(dev, q.len());
+        dev.attention_decode_at(
+            &dq, args.0, args.1, args.2, args.3, &long, &dpos, c.causal, scale, &mut ws, &mut out2,
+        )
+        .unwrap();
+        let got2 = dev.download(&out2).unwrap();
+        check(&format!("{what} (device positions)"), &got2, &want, |i| {
+            let row_head = i / c.head_dim;
+            (2.0 * e_s[row_head] + 1e-5) * vmax
+        });
+    }
 }
 
 #[test]
@@ -687,12 +731,27 @@ fn kv_scatter_places_rows_through_the_block_table() {
         first_pos,
     )
     .unwrap();
-    let got = dev.download(&pool).unwrap();
-    // untouched slots keep their NaN, written ones are exact
-    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-        assert!(
-            g == w || (g.is_nan() && w.is_nan()),
-            "kv_scatter: element {i}: got {g}, want {w}"
-        );
+    // the same through positions held on the device (graph replays)
+    let positions: Vec<u32> = (0..n).map(|i| (first_pos + i) as u32).collect();
+    let mut pool2 = poisoned(dev, want.len());
+    dev.kv_scatter_at(
+        &dev.upload(&src).unwrap(),
+        n,
+        kv_dim,
+        &mut pool2,
+        &dev.upload(&table).unwrap(),
+        block_size,
+        &dev.upload(&positions).unwrap(),
+    )
+    .unwrap();
+    for (what, pool) in [("kv_scatter", &pool), ("kv_scatter_at", &pool2)] {
+        let got = dev.download(pool).unwrap();
+        // untouched slots keep their NaN, written ones are exact
+        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                g == w || (g.is_nan() && w.is_nan()),
+                "{what}: element {i}: got {g}, want {w}"
+            );
+        }
     }
 }

@@ -1,5 +1,9 @@
 //! The one trait every compute backend implements.
 
+use std::any::Any;
+use std::fmt::Debug;
+use std::sync::Arc;
+
 use crate::error::Result;
 use crate::graph::{Plan, Weights};
 
@@ -10,6 +14,27 @@ pub enum Input<'a> {
     Token(u32),
     /// a ready embedding (e.g. a projected image patch), `plan.input_width` wide
     Embedding(&'a [f32]),
+    /// row `row` of rows another backend kept in its own memory
+    /// ([`Backend::keep_output`]), e.g. projected image tokens on the GPU: only a
+    /// backend of that memory takes them
+    Resident {
+        rows: &'a dyn ResidentRows,
+        row: usize,
+    },
+}
+
+/// Rows a backend kept in its own (device) memory, handed to another backend of
+/// the same device without a round trip through the host.
+pub trait ResidentRows: Debug + Send + Sync {
+    fn rows(&self) -> usize;
+    /// f32 values per row
+    fn width(&self) -> usize;
+    /// A copy on the host (tests, `mipha-cli logits`; not on the fast path).
+    fn to_host(&self) -> Result<Vec<f32>>;
+    /// e.g. `cuda:0`: rows are only taken by backends of the same memory
+    fn location(&self) -> String;
+    /// For the backend that made them, to reach its own type.
+    fn as_any(&self) -> &dyn Any;
 }
 
 /// What one execution of a plan works on.
@@ -49,4 +74,12 @@ pub trait Backend: Send {
     /// Copies the output rows of the last step (`step.outputs.len()` rows of the
     /// output buffer's width) into `out`.
     fn read_output(&mut self, out: &mut [f32]) -> Result<()>;
+
+    /// Keeps the output rows of the last step in this backend's memory and
+    /// returns them as a handle that a backend of the same memory takes as
+    /// [`Input::Resident`] rows. `None` (the default) means this backend's memory
+    /// is the host's: use [`Backend::read_output`].
+    fn keep_output(&mut self) -> Result<Option<Arc<dyn ResidentRows>>> {
+        Ok(None)
+    }
 }

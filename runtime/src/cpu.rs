@@ -181,6 +181,7 @@ impl CpuBackend {
                                 }
                                 row.copy_from_slice(v);
                             }
+                            Input::Resident { rows, .. } => return Err(resident(*rows)),
                         }
                     }
                 }
@@ -203,6 +204,7 @@ impl CpuBackend {
                                     "this plan takes vectors, not token ids".into(),
                                 ))
                             }
+                            Input::Resident { rows, .. } => return Err(resident(*rows)),
                         }
                     }
                 }
@@ -486,4 +488,12 @@ impl Backend for CpuBackend {
         out.copy_from_slice(&self.buffers[buf.0][..len]);
         Ok(())
     }
+}
+
+/// Rows kept on a device reach the CPU backend only by a caller's mistake.
+fn resident(rows: &dyn crate::backend::ResidentRows) -> Error {
+    Error::Other(format!(
+        "input rows kept on {} given to the CPU backend (copy them to the host first)",
+        rows.location()
+    ))
 }

@@ -1,19 +1,31 @@
 //! The CUDA backend (feature `cuda`): executes a [`Plan`] with the kernels of
 //! `mipha_kernels::cuda`. Activation buffers, the plan's weights (uploaded once, in
 //! their stored layout, when the backend is made) and the paged KV pool all live
-//! in device memory; only the step's inputs go up and the output rows (and taps)
-//! come back. See `docs/cuda.md`.
+//! in device memory. Per step, only the step's small values go up (token ids,
+//! positions, the block table: written into device buffers before the kernels
+//! run) plus any host embedding rows; the output rows (and taps) come back.
+//! Image embeddings kept on the device by the vision plan's backend
+//! ([`Backend::keep_output`]) are copied device to device.
+//!
+//! A decode step (one token, one output row) is captured once as a CUDA graph and
+//! replayed: every kernel of it reads the per-step values from those device
+//! buffers, and the decode attention's split count is sized for the whole table,
+//! so the same launches serve every position. See `docs/cuda.md`.
 
-use std::str::FromStr;
+use std::any::Any;
 use std::sync::Arc;
 
-use mipha_kernels::cuda::{CudaError, Device, DeviceBuffer, DeviceKv, DeviceWeight};
+use mipha_kernels::cuda::{
+    decode_workspace_len, CudaError, CudaGraph, Device, DeviceBuffer, DeviceKv, DeviceWeight,
+    DECODE_MAX_ROWS,
+};
 
-use crate::backend::{Backend, Capture, Input, Step};
+use crate::backend::{Backend, Capture, Input, ResidentRows, Step};
 use crate::cpu::KvConfig;
 use crate::error::{Error, Result};
 use crate::graph::{BufId, Epilogue, GeluKind, Op, Plan, Rows, WeightId, Weights};
 
+pub use crate::device::{DeviceChoice, Resolved};
 pub use mipha_kernels::cuda::Device as CudaDevice;
 
 fn cu(e: CudaError) -> Error {
@@ -24,65 +36,58 @@ fn drv(e: mipha_kernels::cuda::DriverError) -> Error {
     cu(CudaError::Driver(e))
 }
 
-/// What `--device` asks for: `cpu`, `cuda`, `cuda:N` or `auto`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeviceChoice {
-    Cpu,
-    Cuda(usize),
-    /// the first GPU when one is usable, else the CPU
-    Auto,
+/// Output rows kept on the device ([`Backend::keep_output`]).
+pub struct CudaRows {
+    dev: Arc<Device>,
+    data: DeviceBuffer<f32>,
+    rows: usize,
+    width: usize,
 }
 
-impl FromStr for DeviceChoice {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let s = s.trim().to_ascii_lowercase();
-        match s.as_str() {
-            "cpu" => Ok(DeviceChoice::Cpu),
-            "auto" => Ok(DeviceChoice::Auto),
-            "cuda" | "gpu" => Ok(DeviceChoice::Cuda(0)),
-            _ => match s.strip_prefix("cuda:") {
-                Some(n) => n
-                    .parse()
-                    .map(DeviceChoice::Cuda)
-                    .map_err(|_| format!("bad device `{s}`: expected cuda:N with N a number")),
-                None => Err(format!(
-                    "unknown device `{s}` (expected cpu, cuda, cuda:N or auto)"
-                )),
-            },
-        }
+impl std::fmt::Debug for CudaRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CudaRows({} x {} on {})",
+            self.rows,
+            self.width,
+            self.dev.describe()
+        )
     }
 }
 
-/// A [`DeviceChoice`] made concrete.
-#[derive(Clone, Debug)]
-pub enum Resolved {
-    Cpu {
-        /// why `auto` fell back to the CPU (None when the CPU was asked for)
-        reason: Option<String>,
-    },
-    Cuda(Arc<Device>),
+impl ResidentRows for CudaRows {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn width(&self) -> usize {
+        self.width
+    }
+    fn to_host(&self) -> Result<Vec<f32>> {
+        self.dev.download(&self.data).map_err(cu)
+    }
+    fn location(&self) -> String {
+        self.dev.describe()
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
 }
 
-impl DeviceChoice {
-    /// Opens the device. `cuda[:N]` fails with the reason when it is not usable;
-    /// `auto` falls back to the CPU when there is no driver, device or NVRTC.
-    pub fn resolve(self) -> Result<Resolved> {
-        match self {
-            DeviceChoice::Cpu => Ok(Resolved::Cpu { reason: None }),
-            DeviceChoice::Cuda(n) => Device::new(n)
-                .map(|d| Resolved::Cuda(Arc::new(d)))
-                .map_err(cu),
-            DeviceChoice::Auto => match Device::new(0) {
-                Ok(d) => Ok(Resolved::Cuda(Arc::new(d))),
-                Err(e) if e.is_unavailable() => Ok(Resolved::Cpu {
-                    reason: Some(e.to_string()),
-                }),
-                Err(e) => Err(cu(e)),
-            },
-        }
-    }
+/// A captured decode step. SAFETY of Send: the graph is only touched through
+/// `&mut CudaBackend` (one thread at a time), as cudarc's docs require.
+struct DecodeGraph {
+    graph: CudaGraph,
+    /// block-table length it was captured with (the split count depends on it)
+    table_len: usize,
+}
+
+unsafe impl Send for DecodeGraph {}
+
+/// Whether decode steps are captured as CUDA graphs: on unless
+/// `MIPHA_CUDA_GRAPH=0` (or [`CudaBackend::set_graphs`]).
+fn graphs_from_env() -> bool {
+    std::env::var("MIPHA_CUDA_GRAPH").map_or(true, |v| v != "0")
 }
 
 enum DevWeight {
@@ -108,15 +113,27 @@ pub struct CudaBackend {
     gather: DeviceBuffer<f32>,
     /// results of an accumulating matmul before the add
     scratch: DeviceBuffer<f32>,
+    /// per-step values, written before the step's kernels (and before a graph
+    /// replay): position of each row, token id of each row (0 for vector rows),
+    /// the sequence's block table
     positions: DeviceBuffer<u32>,
-    host_positions: Vec<u32>,
-    /// the step's block table
+    ids: DeviceBuffer<u32>,
     table: DeviceBuffer<u32>,
+    host_positions: Vec<u32>,
+    host_ids: Vec<u32>,
     /// `[0]`: one block covering a self-attention's rows
     one_block: DeviceBuffer<u32>,
+    /// decode attention's split partials, sized for the whole table
+    attn_ws: DeviceBuffer<f32>,
     staging: Vec<f32>,
     kv: Option<KvStorage>,
-    last_output: Option<(BufId, usize)>,
+    /// (buffer, rows, width) of the last step's output
+    last_output: Option<(BufId, usize, usize)>,
+    graphs: bool,
+    graph: Option<DecodeGraph>,
+    /// why capture failed (decode then runs plain launches)
+    graph_error: Option<String>,
+    graph_replays: u64,
 }
 
 fn alloc(dev: &Device, n: usize) -> Result<DeviceBuffer<f32>> {
@@ -137,6 +154,7 @@ impl CudaBackend {
         let mut accumulate_width = 0;
         let mut f32_weights: Vec<WeightId> = Vec::new();
         let mut matrices: Vec<WeightId> = Vec::new();
+        let mut attn_heads = (0, 0);
         for op in &plan.ops {
             match op {
                 Op::MatMul {
@@ -160,6 +178,9 @@ impl CudaBackend {
                 Op::Embed { table, .. } => matrices.push(*table),
                 Op::LayerNorm { weight, bias, .. } => f32_weights.extend([*weight, *bias]),
                 Op::AddRows { table, .. } => f32_weights.push(*table),
+                Op::Attention {
+                    n_heads, head_dim, ..
+                } => attn_heads = (attn_heads.0.max(*n_heads), attn_heads.1.max(*head_dim)),
                 _ => {}
             }
         }
@@ -210,25 +231,53 @@ impl CudaBackend {
             (None, _) => None,
         };
         let table_len = kv.as_ref().map_or(1, |k| k.n_blocks);
+        let max_keys = kv.as_ref().map_or(0, |k| k.n_blocks * k.block_size);
+        let ws = decode_workspace_len(DECODE_MAX_ROWS, attn_heads.0, attn_heads.1, max_keys);
         Ok(CudaBackend {
             gather: alloc(&dev, plan.max_outputs * gather_width)?,
             scratch: alloc(&dev, plan.max_tokens * accumulate_width)?,
             positions: dev.zeros::<u32>(plan.max_tokens.max(1)).map_err(cu)?,
-            host_positions: Vec::with_capacity(plan.max_tokens),
+            ids: dev.zeros::<u32>(plan.max_tokens.max(1)).map_err(cu)?,
             table: dev.zeros::<u32>(table_len.max(1)).map_err(cu)?,
+            host_positions: Vec::with_capacity(plan.max_tokens),
+            host_ids: Vec::with_capacity(plan.max_tokens),
             one_block: dev.zeros::<u32>(1).map_err(cu)?,
+            attn_ws: alloc(&dev, if kv.is_some() { ws } else { 1 })?,
             staging: Vec::new(),
             buffers,
             output_rows,
             weights: dw,
             kv,
             last_output: None,
+            graphs: graphs_from_env(),
+            graph: None,
+            graph_error: None,
+            graph_replays: 0,
             dev,
         })
     }
 
     pub fn device(&self) -> &Arc<Device> {
         &self.dev
+    }
+
+    /// Turns CUDA-graph capture of decode steps on or off (on by default unless
+    /// `MIPHA_CUDA_GRAPH=0`); off drops a captured graph.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = on;
+        if !on {
+            self.graph = None;
+        }
+    }
+
+    /// Decode steps replayed from the captured graph so far.
+    pub fn graph_replays(&self) -> u64 {
+        self.graph_replays
+    }
+
+    /// Why decode-step capture failed, if it did (decode then launches plainly).
+    pub fn graph_error(&self) -> Option<&str> {
+        self.graph_error.as_deref()
     }
 
     fn rows(&self, b: BufId, n_tokens: usize, n_outputs: usize) -> usize {
@@ -259,60 +308,10 @@ impl CudaBackend {
         f32_of(&self.weights, id)
     }
 
-    fn embed(&mut self, plan: &Plan, table: WeightId, out: BufId, step: &Step) -> Result<()> {
-        let width = plan.buffer(out).width;
-        let mut o = self.take(out);
-        let result = (|| {
-            let t = self.matrix(table);
-            let mut i = 0;
-            let inputs = step.inputs;
-            while i < inputs.len() {
-                match inputs[i] {
-                    Input::Token(_) => {
-                        let start = i;
-                        let mut ids = Vec::new();
-                        while let Some(Input::Token(id)) = inputs.get(i) {
-                            ids.push(*id);
-                            i += 1;
-                        }
-                        let mut view = o.slice_mut(start * width..i * width);
-                        self.dev
-                            .embedding(t, &ids, &mut view)
-                            .map_err(|e| match e {
-                                CudaError::TokenOutOfRange(id) => Error::Other(format!(
-                                    "token id {id} is outside the vocabulary ({} rows)",
-                                    t.rows
-                                )),
-                                e => cu(e),
-                            })?;
-                    }
-                    Input::Embedding(v) => {
-                        if v.len() != width {
-                            return Err(Error::Other(format!(
-                                "input embedding {i} has {} values, the model takes {width}",
-                                v.len()
-                            )));
-                        }
-                        let mut view = o.slice_mut(i * width..(i + 1) * width);
-                        self.dev.stream().memcpy_htod(v, &mut view).map_err(drv)?;
-                        i += 1;
-                    }
-                }
-            }
-            Ok(())
-        })();
-        self.buffers[out.0] = Some(o);
-        result
-    }
-
-    fn run_ops(
-        &mut self,
-        plan: &Plan,
-        step: &Step,
-        mut capture: Option<&mut (dyn Capture + '_)>,
-    ) -> Result<()> {
+    /// Checks the step's values on the host and writes them into the device
+    /// buffers the kernels read: positions, token ids, the block table.
+    fn upload_step(&mut self, plan: &Plan, step: &Step) -> Result<()> {
         let n = step.inputs.len();
-        let n_out = step.outputs.len();
         let dev = self.dev.clone();
         self.host_positions.clear();
         self.host_positions
@@ -320,6 +319,29 @@ impl CudaBackend {
         dev.stream()
             .memcpy_htod(&self.host_positions, &mut self.positions.slice_mut(..n))
             .map_err(drv)?;
+        let embeds = plan.ops.iter().find_map(|op| match op {
+            Op::Embed { table, .. } => Some(*table),
+            _ => None,
+        });
+        if let Some(table) = embeds {
+            let vocab = self.matrix(table).rows;
+            self.host_ids.clear();
+            for input in step.inputs {
+                let id = match input {
+                    Input::Token(id) if *id as usize >= vocab => {
+                        return Err(Error::Other(format!(
+                            "token id {id} is outside the vocabulary ({vocab} rows)"
+                        )))
+                    }
+                    Input::Token(id) => *id,
+                    _ => 0,
+                };
+                self.host_ids.push(id);
+            }
+            dev.stream()
+                .memcpy_htod(&self.host_ids, &mut self.ids.slice_mut(..n))
+                .map_err(drv)?;
+        }
         if let Some(kv) = &self.kv {
             if plan.ops.iter().any(|op| matches!(op, Op::Attention { .. })) {
                 let total = step.first_pos + n;
@@ -345,37 +367,210 @@ impl CudaBackend {
                     .map_err(drv)?;
             }
         }
+        Ok(())
+    }
+
+    /// Rows of the step's inputs into `out` (`width` wide): token rows gathered
+    /// from `table` by the ids on the device, vector rows copied from the host,
+    /// resident rows copied on the device.
+    fn fill_inputs(
+        &mut self,
+        out: BufId,
+        width: usize,
+        table: Option<WeightId>,
+        step: &Step,
+    ) -> Result<()> {
+        let mut o = self.take(out);
+        let result = self.fill_into(&mut o, width, table, step);
+        self.buffers[out.0] = Some(o);
+        result
+    }
+
+    fn fill_into(
+        &mut self,
+        o: &mut DeviceBuffer<f32>,
+        width: usize,
+        table: Option<WeightId>,
+        step: &Step,
+    ) -> Result<()> {
+        let dev = self.dev.clone();
+        let inputs = step.inputs;
+        let mut i = 0;
+        while i < inputs.len() {
+            match inputs[i] {
+                Input::Token(_) => {
+                    let Some(table) = table else {
+                        return Err(Error::Other(
+                            "this plan takes vectors, not token ids".into(),
+                        ));
+                    };
+                    let start = i;
+                    while let Some(Input::Token(_)) = inputs.get(i) {
+                        i += 1;
+                    }
+                    let t = self.matrix(table);
+                    let mut view = o.slice_mut(start * width..i * width);
+                    dev.embedding_at(t, &self.ids.slice(start..i), &mut view)
+                        .map_err(cu)?;
+                }
+                Input::Embedding(v) => {
+                    if v.len() != width {
+                        return Err(Error::Other(format!(
+                            "input row {i} has {} values, the model takes {width}",
+                            v.len()
+                        )));
+                    }
+                    // consecutive host rows go up in one copy
+                    self.staging.clear();
+                    let start = i;
+                    while let Some(Input::Embedding(v)) = inputs.get(i) {
+                        if v.len() != width {
+                            break;
+                        }
+                        self.staging.extend_from_slice(v);
+                        i += 1;
+                    }
+                    let mut view = o.slice_mut(start * width..i * width);
+                    dev.stream()
+                        .memcpy_htod(&self.staging, &mut view)
+                        .map_err(drv)?;
+                }
+                Input::Resident { rows, row } => {
+                    let src = self.resident(rows, width)?;
+                    // consecutive rows of the same resident block: one copy
+                    let start = i;
+                    let mut next = row;
+                    while let Some(Input::Resident { rows: r, row: k }) = inputs.get(i) {
+                        if !std::ptr::addr_eq(*r as *const dyn ResidentRows, rows) || *k != next {
+                            break;
+                        }
+                        if *k >= src.rows {
+                            return Err(Error::Other(format!(
+                                "input row {i} asks for resident row {k} of {}",
+                                src.rows
+                            )));
+                        }
+                        next += 1;
+                        i += 1;
+                    }
+                    let n = i - start;
+                    let mut view = o.slice_mut(start * width..i * width);
+                    dev.stream()
+                        .memcpy_dtod(&src.data.slice(row * width..(row + n) * width), &mut view)
+                        .map_err(drv)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn resident<'r>(&self, rows: &'r dyn ResidentRows, width: usize) -> Result<&'r CudaRows> {
+        let Some(r) = rows.as_any().downcast_ref::<CudaRows>() else {
+            return Err(Error::Other(format!(
+                "input rows kept on {} cannot be read by {}",
+                rows.location(),
+                self.dev.describe()
+            )));
+        };
+        if !Arc::ptr_eq(r.dev.context(), self.dev.context()) {
+            return Err(Error::Other(format!(
+                "input rows kept on {} cannot be read by {}",
+                r.dev.describe(),
+                self.dev.describe()
+            )));
+        }
+        if r.width != width {
+            return Err(Error::Other(format!(
+                "resident rows are {} wide, the model takes {width}",
+                r.width
+            )));
+        }
+        Ok(r)
+    }
+
+    /// Whether `step` is a decode step a captured graph serves: one token row,
+    /// its output wanted, nothing tapped, a KV plan.
+    fn graph_step(&self, step: &Step, capture: bool) -> bool {
+        self.graphs
+            && !capture
+            && self.kv.is_some()
+            && step.inputs.len() == 1
+            && matches!(step.inputs[0], Input::Token(_))
+            && step.outputs == [0]
+    }
+
+    /// Runs the decode step from the captured graph, capturing it first when
+    /// there is none. Returns false (and runs nothing) when capture failed; the
+    /// caller then launches the step plainly.
+    fn run_graph(&mut self, plan: &Plan, step: &Step) -> Result<bool> {
+        let table_len = step.block_table.len();
+        if self
+            .graph
+            .as_ref()
+            .is_some_and(|g| g.table_len != table_len)
+        {
+            self.graph = None;
+        }
+        if self.graph.is_none() {
+            if self.graph_error.is_some() {
+                return Ok(false);
+            }
+            match self.capture(plan, step) {
+                Ok(g) => {
+                    self.graph = Some(DecodeGraph {
+                        graph: g,
+                        table_len,
+                    })
+                }
+                Err(e) => {
+                    eprintln!(
+                        "mipha: CUDA graph capture of the decode step failed, using plain \
+                         launches: {e}"
+                    );
+                    self.graph_error = Some(e);
+                    return Ok(false);
+                }
+            }
+        }
+        let g = self.graph.as_ref().expect("captured above");
+        g.graph.launch().map_err(drv)?;
+        self.graph_replays += 1;
+        Ok(true)
+    }
+
+    fn capture(&mut self, plan: &Plan, step: &Step) -> std::result::Result<CudaGraph, String> {
+        let dev = self.dev.clone();
+        dev.begin_capture()
+            .map_err(|e| format!("begin capture: {e}"))?;
+        let ran = self.run_ops(plan, step, None);
+        // End the capture whatever happened, so the stream is usable again.
+        let ended = dev.end_capture();
+        ran.map_err(|e| format!("while capturing: {e}"))?;
+        match ended {
+            Ok(Some(g)) => Ok(g),
+            Ok(None) => Err("the driver invalidated the capture".into()),
+            Err(e) => Err(format!("end capture: {e}")),
+        }
+    }
+
+    fn run_ops(
+        &mut self,
+        plan: &Plan,
+        step: &Step,
+        mut capture: Option<&mut (dyn Capture + '_)>,
+    ) -> Result<()> {
+        let n = step.inputs.len();
+        let n_out = step.outputs.len();
+        let dev = self.dev.clone();
         for op in &plan.ops {
             match op {
-                Op::Embed { table, out } => self.embed(plan, *table, *out, step)?,
+                Op::Embed { table, out } => {
+                    let width = plan.buffer(*out).width;
+                    self.fill_inputs(*out, width, Some(*table), step)?
+                }
                 Op::Input { out } => {
                     let width = plan.buffer(*out).width;
-                    self.staging.clear();
-                    for (i, input) in step.inputs.iter().enumerate() {
-                        match input {
-                            Input::Embedding(v) if v.len() == width => {
-                                self.staging.extend_from_slice(v)
-                            }
-                            Input::Embedding(v) => {
-                                return Err(Error::Other(format!(
-                                    "input row {i} has {} values, the model takes {width}",
-                                    v.len()
-                                )))
-                            }
-                            Input::Token(_) => {
-                                return Err(Error::Other(
-                                    "this plan takes vectors, not token ids".into(),
-                                ))
-                            }
-                        }
-                    }
-                    let mut o = self.take(*out);
-                    let r = dev
-                        .stream()
-                        .memcpy_htod(&self.staging, &mut o.slice_mut(..n * width))
-                        .map_err(drv);
-                    self.buffers[out.0] = Some(o);
-                    r?;
+                    self.fill_inputs(*out, width, None, step)?
                 }
                 Op::AddRows { x, table } => {
                     let width = plan.buffer(*x).width;
@@ -516,52 +711,67 @@ impl CudaBackend {
                     };
                     let (bs, d) = (kv.block_size, kv.kv_dim);
                     let used = (step.first_pos + n).div_ceil(bs);
-                    let table = self.table.slice(..used);
                     let kbuf = self.buffers[kb.0].as_ref().expect("k buffer");
                     let vbuf = self.buffers[v.0].as_ref().expect("v buffer");
-                    dev.kv_scatter(
-                        &kbuf.slice(..n * d),
-                        n,
-                        d,
-                        &mut kv.k[*layer],
-                        &table,
-                        bs,
-                        step.first_pos,
-                    )
-                    .map_err(cu)?;
-                    dev.kv_scatter(
-                        &vbuf.slice(..n * d),
-                        n,
-                        d,
-                        &mut kv.v[*layer],
-                        &table,
-                        bs,
-                        step.first_pos,
-                    )
-                    .map_err(cu)?;
+                    // Positions from the device buffer: the same launch serves every
+                    // position (a replayed decode graph).
+                    let pos = self.positions.slice(..n);
+                    for (src, pool) in [(kbuf, &mut kv.k[*layer]), (vbuf, &mut kv.v[*layer])] {
+                        dev.kv_scatter_at(&src.slice(..n * d), n, d, pool, &self.table, bs, &pos)
+                            .map_err(cu)?;
+                    }
                     let width = n_heads * head_dim;
                     let mut o = self.buffers[out.0].take().expect("out buffer");
                     let kv = self.kv.as_ref().expect("checked above");
-                    let view = DeviceKv {
-                        k: &kv.k[*layer],
-                        v: &kv.v[*layer],
-                        block_size: bs,
-                        block_table: &self.table,
-                        n_blocks: used,
-                        kv_dim: d,
+                    let qv = self.buffers[q.0]
+                        .as_ref()
+                        .expect("q buffer")
+                        .slice(..n * width);
+                    let r = if n <= DECODE_MAX_ROWS {
+                        // split count sized for the whole table, not this length
+                        let view = DeviceKv {
+                            k: &kv.k[*layer],
+                            v: &kv.v[*layer],
+                            block_size: bs,
+                            block_table: &self.table,
+                            n_blocks: self.table.len(),
+                            kv_dim: d,
+                        };
+                        dev.attention_decode_at(
+                            &qv,
+                            n,
+                            *n_heads,
+                            *n_kv_heads,
+                            *head_dim,
+                            &view,
+                            &pos,
+                            *causal,
+                            *scale,
+                            &mut self.attn_ws,
+                            &mut o.slice_mut(..n * width),
+                        )
+                    } else {
+                        let view = DeviceKv {
+                            k: &kv.k[*layer],
+                            v: &kv.v[*layer],
+                            block_size: bs,
+                            block_table: &self.table,
+                            n_blocks: used,
+                            kv_dim: d,
+                        };
+                        dev.attention_prefill(
+                            &qv,
+                            n,
+                            *n_heads,
+                            *n_kv_heads,
+                            *head_dim,
+                            &view,
+                            step.first_pos,
+                            *causal,
+                            *scale,
+                            &mut o.slice_mut(..n * width),
+                        )
                     };
-                    let r = dev.attention(
-                        &self.buf(*q).slice(..n * width),
-                        n,
-                        *n_heads,
-                        *n_kv_heads,
-                        *head_dim,
-                        &view,
-                        step.first_pos,
-                        *causal,
-                        *scale,
-                        &mut o.slice_mut(..n * width),
-                    );
                     self.buffers[out.0] = Some(o);
                     r.map_err(cu)?;
                 }
@@ -696,16 +906,22 @@ impl Backend for CudaBackend {
                 step.outputs.len()
             )));
         }
-        let result = self.run_ops(plan, step, capture);
+        let result = self.upload_step(plan, step).and_then(|()| {
+            if self.graph_step(step, capture.is_some()) && self.run_graph(plan, step)? {
+                return Ok(());
+            }
+            self.run_ops(plan, step, capture)
+        });
         let rows = self.rows(plan.output, n, step.outputs.len());
-        self.last_output = Some((plan.output, rows * plan.buffer(plan.output).width));
+        self.last_output = Some((plan.output, rows, plan.buffer(plan.output).width));
         result
     }
 
     fn read_output(&mut self, out: &mut [f32]) -> Result<()> {
-        let (buf, len) = self
+        let (buf, rows, width) = self
             .last_output
             .ok_or_else(|| Error::Other("no step has run yet".into()))?;
+        let len = rows * width;
         if out.len() != len {
             return Err(Error::Other(format!(
                 "output holds {len} values, the destination {}",
@@ -715,5 +931,23 @@ impl Backend for CudaBackend {
         let src = self.buf(buf).slice(..len);
         self.dev.stream().memcpy_dtoh(&src, out).map_err(drv)?;
         Ok(())
+    }
+
+    fn keep_output(&mut self) -> Result<Option<Arc<dyn ResidentRows>>> {
+        let (buf, rows, width) = self
+            .last_output
+            .ok_or_else(|| Error::Other("no step has run yet".into()))?;
+        let len = rows * width;
+        let mut data = alloc(&self.dev, len)?;
+        self.dev
+            .stream()
+            .memcpy_dtod(&self.buf(buf).slice(..len), &mut data)
+            .map_err(drv)?;
+        Ok(Some(Arc::new(CudaRows {
+            dev: self.dev.clone(),
+            data,
+            rows,
+            width,
+        })))
     }
 }

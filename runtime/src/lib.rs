@@ -6,13 +6,15 @@ pub mod cpu;
 /// The CUDA backend (feature `cuda`): see `docs/cuda.md`.
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device;
 pub mod error;
 pub mod format;
 pub mod graph;
 pub mod kv;
 
-pub use backend::{Backend, Capture, Input, Step};
+pub use backend::{Backend, Capture, Input, ResidentRows, Step};
 pub use cpu::{CpuBackend, KvConfig};
+pub use device::{DeviceChoice, Resolved};
 pub use error::{Error, Result};
 pub use format::{MetaValue, Metadata, MqfFile, MqfWriter, TensorInfo, TensorRef, TensorSpec};
 pub use graph::{

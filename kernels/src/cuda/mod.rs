@@ -11,6 +11,7 @@
 
 pub mod cache;
 mod ops;
+mod probe;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -19,8 +20,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream};
 
-pub use cudarc::driver::{CudaSlice as DeviceBuffer, DriverError};
-pub use ops::{DeviceKv, DeviceWeight, GeluKind, DECODE_CHUNK, GEMV_MAX_ROWS, MAX_HEAD_DIM};
+pub use cudarc::driver::{CudaGraph, CudaSlice as DeviceBuffer, DriverError};
+pub use ops::{
+    decode_workspace_len, DeviceIn, DeviceKv, DeviceOut, DeviceWeight, GeluKind, DECODE_CHUNK,
+    DECODE_MAX_ROWS, GEMV_MAX_ROWS, MAX_HEAD_DIM,
+};
 
 /// The `.cu` sources, embedded; `common.cuh` is prepended to each.
 pub const COMMON_SRC: &str = include_str!("../../cuda/common.cuh");
@@ -290,6 +294,27 @@ impl Device {
     /// Waits for every queued kernel.
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.stream.synchronize()?)
+    }
+
+    /// Starts recording the stream's work into a CUDA graph instead of running it
+    /// (this thread only: another thread's driver calls are not affected). Work
+    /// queued before runs first. Every call until [`Device::end_capture`] must be
+    /// capturable: kernel launches and device-to-device copies, no host copies,
+    /// no allocation, no synchronisation.
+    pub fn begin_capture(&self) -> Result<()> {
+        use cudarc::driver::sys::CUstreamCaptureMode;
+        self.stream.synchronize()?;
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        Ok(())
+    }
+
+    /// Ends the capture begun by [`Device::begin_capture`] and instantiates the
+    /// graph; `None` when the driver invalidated the capture (an uncapturable call
+    /// was made). Replay with [`CudaGraph::launch`], on this device's stream.
+    pub fn end_capture(&self) -> Result<Option<CudaGraph>> {
+        use cudarc::driver::sys::CUgraphInstantiate_flags;
+        Ok(self.stream.end_capture(CUgraphInstantiate_flags(0))?)
     }
 
     pub(crate) fn func(&self, name: &str) -> &CudaFunction {

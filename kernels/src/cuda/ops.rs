@@ -48,16 +48,42 @@ pub const MAX_HEAD_DIM: usize = 128;
 pub const DECODE_CHUNK: usize = 256;
 /// Rows at or below which [`Device::matmul`] uses the GEMV kernels.
 pub const GEMV_MAX_ROWS: usize = 8;
+/// Rows of x one GEMV launch takes (`GEMV_M` in gemv.cu).
+const GEMV_M: usize = 8;
+/// Weight rows from which a GEMV block gives each row one warp (below: four).
+const GEMV_WIDE_ROWS: usize = 8192;
 /// Rows at or below which [`Device::attention`] uses the decode kernel.
 pub const DECODE_MAX_ROWS: usize = 4;
 
 const NULL: u64 = 0;
+
+/// f32 elements of the decode-attention workspace for `n_tokens` rows over at
+/// most `max_keys` keys (one partial per split: max, sum, `head_dim` outputs).
+pub fn decode_workspace_len(
+    n_tokens: usize,
+    n_heads: usize,
+    head_dim: usize,
+    max_keys: usize,
+) -> usize {
+    n_tokens * n_heads * max_keys.div_ceil(DECODE_CHUNK).max(1) * (head_dim + 2)
+}
+
+struct DecodeShape {
+    n_tokens: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    n_splits: usize,
+}
 
 /// A device buffer an op reads: a whole [`CudaSlice`] or a view of part of one
 /// (e.g. the first `n` rows of a `[max_tokens, width]` activation buffer).
 pub trait DeviceIn<T> {
     fn view(&self) -> CudaView<'_, T>;
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// A device buffer an op writes.
@@ -339,7 +365,28 @@ impl Device {
         let dev_ids = super::grown(&self.stream, &mut scratch.ids, ids.len())?;
         self.stream
             .memcpy_htod(ids, &mut dev_ids.slice_mut(..ids.len()))?;
-        let dev_ids = &*dev_ids;
+        self.embedding_at(table, &dev_ids.slice(..ids.len()), out)
+    }
+
+    /// [`Device::embedding`] with the ids already on the device (e.g. written
+    /// before a CUDA graph replay). The caller checks them against the table: an
+    /// id outside it gives a NaN row (never a read outside the table).
+    pub fn embedding_at(
+        &self,
+        table: &DeviceWeight,
+        ids: &impl DeviceIn<u32>,
+        out: &mut impl DeviceOut<f32>,
+    ) -> Result<()> {
+        assert_eq!(
+            out.len(),
+            ids.len() * table.cols,
+            "embedding: out is not [ids, cols]"
+        );
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let dev_ids = ids.view();
+        let rows = i32_of(table.rows, "rows");
         let ty = table.ty.id() as i32;
         let stride = table.row_stride as i64;
         let cols = i32_of(table.cols, "cols");
@@ -353,10 +400,11 @@ impl Device {
         b.arg(&table.data)
             .arg(&ty)
             .arg(&stride)
-            .arg(dev_ids)
+            .arg(&dev_ids)
             .arg(&mut out)
-            .arg(&cols);
-        // SAFETY: ids checked against the table; out holds ids * cols.
+            .arg(&cols)
+            .arg(&rows);
+        // SAFETY: the kernel checks ids against `rows`; out holds ids * cols.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
@@ -422,21 +470,34 @@ impl Device {
         let stride = w.row_stride as i64;
         let has = bias.is_some() as i32;
         let (n, k) = (i32_of(w.rows, "n"), i32_of(w.cols, "k"));
+        // Rows per block: one warp per row when there are rows enough to fill the
+        // GPU with them, else four warps splitting each row (see gemv.cu).
+        let rpb: usize = if w.rows >= GEMV_WIDE_ROWS { 4 } else { 1 };
         let cfg = LaunchConfig {
-            grid_dim: (w.rows.div_ceil(4) as u32, m as u32, 1),
+            grid_dim: (w.rows.div_ceil(rpb) as u32, 1, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (x, mut out) = (x.view(), out.view_mut());
-        let mut b = self.stream.launch_builder(self.func(name));
-        b.arg(&w.data).arg(&stride).arg(&x);
-        match bias {
-            Some(bias) => b.arg(bias),
-            None => b.arg(&NULL),
-        };
-        b.arg(&has).arg(&mut out).arg(&n).arg(&k);
-        // SAFETY: shapes checked; the bias is only read when has_bias is 1.
-        unsafe { b.launch(cfg) }?;
+        let rpb = rpb as i32;
+        let (xv, mut ov) = (x.view(), out.view_mut());
+        // The kernel takes up to GEMV_M rows of x at a time (each weight read once
+        // for all of them).
+        for r0 in (0..m).step_by(GEMV_M) {
+            let mr = (m - r0).min(GEMV_M);
+            let xs = xv.slice(r0 * w.cols..(r0 + mr) * w.cols);
+            let mut os = ov.slice_mut(r0 * w.rows..(r0 + mr) * w.rows);
+            let mi = mr as i32;
+            let mut b = self.stream.launch_builder(self.func(name));
+            b.arg(&w.data).arg(&stride).arg(&xs);
+            match bias {
+                Some(bias) => b.arg(bias),
+                None => b.arg(&NULL),
+            };
+            b.arg(&has).arg(&mut os).arg(&n).arg(&k).arg(&mi).arg(&rpb);
+            // SAFETY: shapes checked; the bias is only read when has_bias is 1;
+            // mi <= GEMV_M, rpb divides the kernel's 4 warps.
+            unsafe { b.launch(cfg) }?;
+        }
         Ok(())
     }
 
@@ -553,18 +614,70 @@ impl Device {
         if n == 0 {
             return Ok(());
         }
-        let ints = [
+        self.kv_scatter_launch(
+            src,
+            n,
+            kv_dim,
+            pool,
+            block_table,
+            block_size,
+            first_pos,
+            None,
+        )
+    }
+
+    /// [`Device::kv_scatter`] at the positions held on the device (`positions[i]`
+    /// for row i; written before a CUDA graph replay). The caller guarantees the
+    /// table covers them and addresses blocks of the pool.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_scatter_at(
+        &self,
+        src: &impl DeviceIn<f32>,
+        n: usize,
+        kv_dim: usize,
+        pool: &mut impl DeviceOut<f32>,
+        block_table: &impl DeviceIn<u32>,
+        block_size: usize,
+        positions: &impl DeviceIn<u32>,
+    ) -> Result<()> {
+        assert_eq!(src.len(), n * kv_dim, "kv_scatter: src is not [n, kv_dim]");
+        assert!(block_size > 0, "kv_scatter: block_size must be > 0");
+        assert!(
+            positions.len() >= n,
+            "kv_scatter: fewer positions than rows"
+        );
+        if n == 0 {
+            return Ok(());
+        }
+        let pos = positions.view();
+        self.kv_scatter_launch(src, n, kv_dim, pool, block_table, block_size, 0, Some(&pos))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn kv_scatter_launch(
+        &self,
+        src: &impl DeviceIn<f32>,
+        n: usize,
+        kv_dim: usize,
+        pool: &mut impl DeviceOut<f32>,
+        block_table: &impl DeviceIn<u32>,
+        block_size: usize,
+        first_pos: usize,
+        positions: Option<&CudaView<'_, u32>>,
+    ) -> Result<()> {
+        let (bs, fp) = (
             i32_of(block_size, "block_size"),
             i32_of(first_pos, "first_pos"),
-            i32_of(n, "n"),
-            i32_of(kv_dim, "kv_dim"),
-        ];
+        );
+        let (nn, d) = (i32_of(n, "n"), i32_of(kv_dim, "kv_dim"));
         let (src, mut pool, table) = (src.view(), pool.view_mut(), block_table.view());
         let mut b = self.stream.launch_builder(self.func("kv_scatter"));
-        b.arg(&src).arg(&mut pool).arg(&table);
-        for v in &ints {
-            b.arg(v);
-        }
+        b.arg(&src).arg(&mut pool).arg(&table).arg(&bs).arg(&fp);
+        match positions {
+            Some(p) => b.arg(p),
+            None => b.arg(&NULL),
+        };
+        b.arg(&nn).arg(&d);
         // SAFETY: the table covers the positions; the caller guarantees its entries
         // address blocks of the pool.
         unsafe { b.launch(grid_stride(n * kv_dim)) }?;
@@ -696,22 +809,94 @@ impl Device {
         let ws = super::grown(
             &self.stream,
             &mut scratch.attn,
-            n_tokens * n_heads * n_splits * (head_dim + 2),
+            decode_workspace_len(n_tokens, n_heads, head_dim, n_splits * DECODE_CHUNK),
         )?;
+        let shape = DecodeShape {
+            n_tokens,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            n_splits,
+        };
+        // ws stays in the device's scratch for the next call: the stream orders
+        // that call's kernels after these.
+        self.decode_launch(q, &shape, kv, first_pos, None, causal, scale, ws, out)
+    }
+
+    /// [`Device::attention_decode`] with the rows' positions on the device
+    /// (`positions[i]` for row i, written before a CUDA graph replay) and a
+    /// caller-owned workspace of [`decode_workspace_len`] for `max_keys`. The split
+    /// count is sized for `kv.n_blocks * kv.block_size` keys whatever the
+    /// positions are (splits past a row's keys exit at once), so the launch is
+    /// the same at every position and can be captured once. The caller
+    /// guarantees `positions[i] < kv.n_blocks * kv.block_size`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode_at(
+        &self,
+        q: &impl DeviceIn<f32>,
+        n_tokens: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        kv: &DeviceKv,
+        positions: &impl DeviceIn<u32>,
+        causal: bool,
+        scale: f32,
+        ws: &mut CudaSlice<f32>,
+        out: &mut impl DeviceOut<f32>,
+    ) -> Result<()> {
+        Self::check_attention(q, n_tokens, n_heads, n_kv_heads, head_dim, kv, 0, &*out);
+        assert!(
+            positions.len() >= n_tokens,
+            "attention: fewer positions than rows"
+        );
+        if n_tokens == 0 {
+            return Ok(());
+        }
+        let max_keys = kv.n_blocks * kv.block_size;
+        let n_splits = max_keys.div_ceil(DECODE_CHUNK).max(1);
+        assert!(
+            ws.len() >= decode_workspace_len(n_tokens, n_heads, head_dim, max_keys),
+            "attention: decode workspace too small"
+        );
+        let shape = DecodeShape {
+            n_tokens,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            n_splits,
+        };
+        let pos = positions.view();
+        self.decode_launch(q, &shape, kv, 0, Some(&pos), causal, scale, ws, out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decode_launch(
+        &self,
+        q: &impl DeviceIn<f32>,
+        sh: &DecodeShape,
+        kv: &DeviceKv,
+        first_pos: usize,
+        positions: Option<&CudaView<'_, u32>>,
+        causal: bool,
+        scale: f32,
+        ws: &mut CudaSlice<f32>,
+        out: &mut impl DeviceOut<f32>,
+    ) -> Result<()> {
         let ints = [
             i32_of(kv.block_size, "block_size"),
             i32_of(kv.kv_dim, "kv_dim"),
-            i32_of(n_tokens, "n_tokens"),
-            i32_of(n_heads, "n_heads"),
-            i32_of(n_kv_heads, "n_kv_heads"),
-            i32_of(head_dim, "head_dim"),
+            i32_of(sh.n_tokens, "n_tokens"),
+            i32_of(sh.n_heads, "n_heads"),
+            i32_of(sh.n_kv_heads, "n_kv_heads"),
+            i32_of(sh.head_dim, "head_dim"),
             i32_of(first_pos, "first_pos"),
-            causal as i32,
         ];
+        let causal = causal as i32;
         let chunk = DECODE_CHUNK as i32;
         {
             let cfg = LaunchConfig {
-                grid_dim: (n_heads as u32, n_splits as u32, n_tokens as u32),
+                grid_dim: (sh.n_heads as u32, sh.n_splits as u32, sh.n_tokens as u32),
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -721,13 +906,17 @@ impl Device {
             for v in &ints {
                 b.arg(v);
             }
-            b.arg(&scale).arg(&chunk).arg(&mut *ws);
-            // SAFETY: shapes checked; ws holds every split's partial.
+            match positions {
+                Some(p) => b.arg(p),
+                None => b.arg(&NULL),
+            };
+            b.arg(&causal).arg(&scale).arg(&chunk).arg(&mut *ws);
+            // SAFETY: shapes checked by the callers; ws holds every split's partial.
             unsafe { b.launch(cfg) }?;
         }
-        let (ns, nh, hd) = (n_splits as i32, n_heads as i32, head_dim as i32);
+        let (ns, nh, hd) = (sh.n_splits as i32, sh.n_heads as i32, sh.head_dim as i32);
         let cfg = LaunchConfig {
-            grid_dim: (n_heads as u32, n_tokens as u32, 1),
+            grid_dim: (sh.n_heads as u32, sh.n_tokens as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -736,8 +925,6 @@ impl Device {
         b.arg(&*ws).arg(&ns).arg(&nh).arg(&hd).arg(&mut out);
         // SAFETY: as above.
         unsafe { b.launch(cfg) }?;
-        // ws stays in the device's scratch for the next call: the stream orders
-        // that call's kernels after these.
         Ok(())
     }
 
