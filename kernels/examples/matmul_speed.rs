@@ -1,7 +1,8 @@
 //! Micro-benchmark of the matmul paths on one Phi-2-shaped weight
 //! (`cargo run --release -p mipha-kernels --example matmul_speed -- [n k m...]`):
 //! the f32-activation kernel vs the int8 kernel on every dispatch path, in
-//! GFLOP/s (2 n k m per call), median of a few runs.
+//! GFLOP/s (2 n k m per call), median of a few runs. `MATMUL_ONLY=q8_0,avx512vnni`
+//! (any mix of type and level names) narrows the run, e.g. for `perf record`.
 
 use std::time::Instant;
 
@@ -45,7 +46,17 @@ fn main() {
     let w: Vec<f32> = (0..n * k)
         .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 700.0)
         .collect();
+    let only = std::env::var("MATMUL_ONLY").unwrap_or_default();
+    let wanted = |name: &str, all: &[&str]| {
+        let picked: Vec<&str> = only.split(',').filter(|o| all.contains(o)).collect();
+        picked.is_empty() || picked.contains(&name)
+    };
+    let types = ["q4_0", "q8_0", "f16"];
+    let levels: Vec<&str> = available().iter().map(|l| l.name()).collect();
     for ty in [QuantType::Q4_0, QuantType::Q8_0, QuantType::F16] {
+        if !wanted(&ty.to_string(), &types) {
+            continue;
+        }
         let rb = ty.row_bytes(k);
         let mut data = vec![0u8; n * rb];
         for (src, dst) in w.chunks_exact(k).zip(data.chunks_exact_mut(rb)) {
@@ -60,10 +71,16 @@ fn main() {
             let mut out = vec![0.0f32; m * n];
             let reps = if m == 1 { 50 } else { 5 };
             let flop = 2.0 * (n * k * m) as f64;
-            let t = time(reps, || cpu::matmul(&x, m, view, None, &mut out));
-            print!("{ty} {n}x{k} m={m}: f32-acts {:.1} GFLOP/s", flop / t / 1e9);
+            print!("{ty} {n}x{k} m={m}:");
+            if only.is_empty() {
+                let t = time(reps, || cpu::matmul(&x, m, view, None, &mut out));
+                print!(" f32-acts {:.1} GFLOP/s", flop / t / 1e9);
+            }
             if let Some(p) = &packed {
                 for level in available() {
+                    if !wanted(level.name(), &levels) {
+                        continue;
+                    }
                     let t = time(reps, || {
                         cpu::matmul_packed_at(level, &x, m, p, None, Epilogue::Store, &mut out)
                     });

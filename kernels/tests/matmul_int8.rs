@@ -26,8 +26,9 @@ const SHAPES: [(usize, usize); 8] = [
     (130, 1152),
     (20, 4304),
 ];
-/// m: single rows (decode), every micro-tile remainder, past one 64-row chunk.
-const MS: [usize; 6] = [1, 2, 3, 9, 17, 67];
+/// m: single rows (decode), short and full 12-row AVX-512 tiles and their
+/// remainders, past one 96-row chunk.
+const MS: [usize; 8] = [1, 2, 3, 9, 12, 17, 67, 101];
 
 struct Case {
     ty: QuantType,

@@ -73,6 +73,16 @@ pub fn matmul_packed_with(
     qgemm::matmul_packed(dispatch::level(), x, m, w, bias, epilogue, out)
 }
 
+/// [`crate::quant::quantize_act_block`] as the int8 matmuls of `level` run it
+/// (a vector version on AVX-512, bit-identical), for tests.
+pub fn quantize_act_block_at(
+    level: dispatch::Level,
+    x: &[f32; 32],
+    q: &mut [i8; 32],
+) -> (f32, i32) {
+    qgemm::block_quantizer(level)(x, q)
+}
+
 /// Row-wise LayerNorm over rows of `cols` elements (`rows = x.len() / cols`).
 pub fn layer_norm(x: &[f32], cols: usize, weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
     reference::check_layer_norm(x, cols, weight, bias, out);

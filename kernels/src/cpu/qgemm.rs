@@ -107,6 +107,10 @@ impl PackedMatrix {
                             for c in 0..qb / 4 {
                                 let o = 32 + 64 * c + 4 * r;
                                 d[o..o + 4].copy_from_slice(&s[2 + 4 * c..6 + 4 * c]);
+                                if w.ty == QuantType::Q8_0 {
+                                    // stored unsigned (w + 128), see `Acts`
+                                    d[o..o + 4].iter_mut().for_each(|v| *v ^= 0x80);
+                                }
                             }
                         }
                     }
@@ -153,60 +157,86 @@ impl PackedMatrix {
     }
 }
 
-/// Activation rows quantized per 32-block: `qs[i][b * 32..]`, scale `d[i][b]`,
-/// and `8 * sum(q)` as f32 (Q4_0's offset term).
+/// Activation rows quantized per 32-block, in groups of `g` rows (the micro-
+/// tile height) so that a tile reads one block of all its rows from one place:
+/// block `b` of row `i` of group `G` has its quants at
+/// `qs[((G * nb + b) * g + i) * 32..]`, its scale at `d[(G * nb + b) * g + i]`,
+/// and at `init` the integer the dot starts from (`-bias * sum(q)`, which
+/// cancels the bias of unsigned weights: 8 for Q4_0's nibbles, 128 for Q8_0
+/// stored as `w + 128`). A tile thus needs one pointer per operand, and every
+/// row's data is a constant displacement from it.
 #[derive(Default)]
 struct Acts {
+    g: usize,
     nb: usize,
     qs: Vec<i8>,
-    /// `q + 128` (as u8), for the VNNI Q8_0 kernels: filled only when asked
-    qu: Vec<u8>,
     d: Vec<f32>,
-    off: Vec<f32>,
+    init: Vec<i32>,
 }
 
 impl Acts {
-    fn quantize(&mut self, x: &[f32], m: usize, k: usize, unsigned_copy: bool) {
+    fn quantize(&mut self, level: Level, x: &[f32], m: usize, k: usize, g: usize, bias: i32) {
         let nb = k.div_ceil(QK);
+        let groups = m.div_ceil(g);
+        self.g = g;
         self.nb = nb;
-        self.qs.resize(m * nb * QK, 0);
-        self.d.resize(m * nb, 0.0);
-        self.off.resize(m * nb, 0.0);
-        let row = |(((xr, qs), d), off): RowParts| {
-            for b in 0..nb {
-                let mut xs = [0.0f32; QK];
-                let end = ((b + 1) * QK).min(k);
-                xs[..end - b * QK].copy_from_slice(&xr[b * QK..end]);
-                let q: &mut [i8; QK] = (&mut qs[b * QK..(b + 1) * QK]).try_into().unwrap();
-                let (scale, sum) = quantize_act_block(&xs, q);
-                d[b] = scale;
-                off[b] = 8.0 * sum as f32;
+        // Padding rows of the last group stay zero: tiles never read them.
+        self.qs.clear();
+        self.qs.resize(groups * nb * g * QK, 0);
+        self.d.clear();
+        self.d.resize(groups * nb * g, 0.0);
+        self.init.clear();
+        self.init.resize(groups * nb * g, 0);
+        let block = block_quantizer(level);
+        let group = |(((xg, qs), d), init): GroupParts| {
+            for (i, xr) in xg.chunks(k).enumerate() {
+                for b in 0..nb {
+                    let o = b * g + i;
+                    let q: &mut [i8; QK] = (&mut qs[o * QK..(o + 1) * QK]).try_into().unwrap();
+                    let (scale, sum) = if (b + 1) * QK <= k {
+                        block(xr[b * QK..(b + 1) * QK].try_into().unwrap(), q)
+                    } else {
+                        let mut xs = [0.0f32; QK];
+                        xs[..k - b * QK].copy_from_slice(&xr[b * QK..]);
+                        block(&xs, q)
+                    };
+                    d[o] = scale;
+                    init[o] = -bias * sum;
+                }
             }
         };
         if m >= 4 {
-            x.par_chunks(k)
-                .zip(self.qs.par_chunks_mut(nb * QK))
-                .zip(self.d.par_chunks_mut(nb))
-                .zip(self.off.par_chunks_mut(nb))
-                .for_each(row);
+            x.par_chunks(g * k)
+                .zip(self.qs.par_chunks_mut(nb * g * QK))
+                .zip(self.d.par_chunks_mut(nb * g))
+                .zip(self.init.par_chunks_mut(nb * g))
+                .for_each(group);
         } else {
-            x.chunks(k)
-                .zip(self.qs.chunks_mut(nb * QK))
-                .zip(self.d.chunks_mut(nb))
-                .zip(self.off.chunks_mut(nb))
-                .for_each(row);
-        }
-        if unsigned_copy {
-            self.qu.resize(self.qs.len(), 0);
-            for (u, q) in self.qu.iter_mut().zip(&self.qs) {
-                *u = (*q as u8) ^ 0x80;
-            }
+            x.chunks(g * k)
+                .zip(self.qs.chunks_mut(nb * g * QK))
+                .zip(self.d.chunks_mut(nb * g))
+                .zip(self.init.chunks_mut(nb * g))
+                .for_each(group);
         }
     }
 }
 
-/// One activation row and its quantized outputs.
-type RowParts<'a> = (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [f32]);
+/// [`quantize_act_block`], or a vector version of it with the same results
+/// where `level` has one.
+pub(super) fn block_quantizer(level: Level) -> fn(&[f32; QK], &mut [i8; QK]) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(level, Level::Avx512 | Level::Avx512Vnni) && level.is_supported() {
+        return |x, q| {
+            // SAFETY: the level's features are present.
+            unsafe { x86::quantize_act_block_avx512(x, q) }
+        };
+    }
+    let _ = level;
+    quantize_act_block
+}
+
+/// One group of activation rows and its quantized outputs.
+type GroupParts<'a> = (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [i32]);
 
 thread_local! {
     /// Quantized activations, kept between calls so steady-state matmuls do not
@@ -272,9 +302,13 @@ pub(crate) fn matmul_packed(
         return;
     }
     let mut acts = ACTS.take();
-    let unsigned_copy =
-        w.ty == QuantType::Q8_0 && matches!(level, Level::AvxVnni | Level::Avx512Vnni);
-    acts.quantize(x, m, w.cols, unsigned_copy);
+    let (mr, q8_unsigned) = int8_shape(level);
+    let q_bias = match w.ty {
+        QuantType::Q4_0 => 8,
+        _ if q8_unsigned => 128,
+        _ => 0,
+    };
+    acts.quantize(level, x, m, w.cols, mr.min(m), q_bias);
     let job = Job {
         w,
         acts: &acts,
@@ -348,6 +382,20 @@ pub(super) unsafe fn write_tile(
     std::ptr::copy_nonoverlapping(v.as_ptr(), out, cols);
 }
 
+/// Micro-tile height (activation rows) of `level`'s int8 kernels, and whether
+/// they dot Q8_0 weights as stored (`w + 128`, unsigned) against signed
+/// activations (`vpdpbusd`, and the portable path); the `maddubs` paths cannot
+/// (u8 x s8 pairs would saturate 16 bits) and restore the sign first.
+fn int8_shape(level: Level) -> (usize, bool) {
+    match level {
+        Level::Avx512Vnni => (x86::ZMM_MR, true),
+        Level::Avx512 => (x86::ZMM_MR, false),
+        Level::AvxVnni => (2, true),
+        Level::Avx2 => (2, false),
+        Level::Portable => (2, true),
+    }
+}
+
 impl Job<'_> {
     unsafe fn run(&self, level: Level, p0: usize, p1: usize) {
         #[cfg(target_arch = "x86_64")]
@@ -367,39 +415,29 @@ impl Job<'_> {
 trait Isa {
     type I: Copy;
     type F: Copy;
-    /// Activation rows per micro-tile.
-    const MR: usize;
-    unsafe fn izero() -> Self::I;
+    /// A Q8_0 weight vector made ready for [`Isa::q8_dot`].
+    type W: Copy;
     unsafe fn fzero() -> Self::F;
+    unsafe fn izero() -> Self::I;
+    /// One i32 repeated in every lane.
+    unsafe fn bcast_i32(p: *const i32) -> Self::I;
     /// 64 bytes of a panel's quant vector.
     unsafe fn load_q(p: *const u8) -> Self::I;
     /// Low and high nibbles of every byte.
     unsafe fn nibbles(v: Self::I) -> (Self::I, Self::I);
     /// 4 activation bytes repeated in every lane.
     unsafe fn bcast4(p: *const i8) -> Self::I;
-    /// Per lane: `acc + sum of 4 u8 x s8 products` (`u` is at most 128).
+    /// Per lane: `acc + sum of 4 u8 x s8 products` (`u` is at most 15 here).
     unsafe fn dot_us(acc: Self::I, u: Self::I, s: Self::I) -> Self::I;
-    /// Per lane: `acc + sum of 4 s8 x s8 products`.
-    #[inline(always)]
-    unsafe fn dot_ss(acc: Self::I, w: Self::I, x: Self::I) -> Self::I {
-        let (u, s) = Self::abs_sign(w, x);
-        Self::dot_us(acc, u, s)
-    }
-    /// `(|w|, x * sign(w))`, turning a signed dot into `dot_us`.
-    unsafe fn abs_sign(w: Self::I, x: Self::I) -> (Self::I, Self::I);
+    /// Stored Q8_0 weights (`w + 128`) ready for dots.
+    unsafe fn q8_prep(wu: Self::I) -> Self::W;
+    /// `acc + dot(w + 128, x)` where `int8_shape` says unsigned, else `acc + dot(w, x)`.
+    unsafe fn q8_dot(acc: Self::I, w: Self::W, x: Self::I) -> Self::I;
     unsafe fn iadd(a: Self::I, b: Self::I) -> Self::I;
-    /// `acc - 128 * s`
-    unsafe fn sub_128x(acc: Self::I, s: Self::I) -> Self::I;
-    /// `vpdpbusd` kernels take Q8_0 activations as `q + 128` (unsigned, so the
-    /// broadcast folds into the dot) and subtract `128 * sum(w)`; the `maddubs`
-    /// ones cannot (u8 x s8 pairs would saturate 16 bits) and use `|w|, x sign(w)`.
-    const Q8_UNSIGNED_X: bool = false;
-    /// 4 bytes of 1 in every lane.
-    unsafe fn ones() -> Self::I;
     /// 16 f16 scales.
     unsafe fn scales(p: *const u8) -> Self::F;
-    /// `facc + (f32(acc) - off) * dw * dx`.
-    unsafe fn fma_block(facc: Self::F, acc: Self::I, off: f32, dw: Self::F, dx: f32) -> Self::F;
+    /// `facc + f32(acc) * dw * dx`.
+    unsafe fn fma_block(facc: Self::F, acc: Self::I, dw: Self::F, dx: *const f32) -> Self::F;
     unsafe fn store(v: Self::F, out: &mut [f32; PANEL]);
 }
 
@@ -407,77 +445,99 @@ trait Isa {
 #[inline(always)]
 unsafe fn sweep<I: Isa>(job: &Job, p0: usize, p1: usize) {
     let n = job.w.rows;
-    for i0 in (0..job.m).step_by(MC) {
-        let i1 = (i0 + MC).min(job.m);
+    let g = job.acts.g;
+    // A chunk of whole groups, small enough to stay in L2 while a thread sweeps
+    // its panels (each panel then stays in L1 across the chunk's tiles).
+    let mc = g * (MC / g).max(1);
+    for i0 in (0..job.m).step_by(mc) {
+        let i1 = (i0 + mc).min(job.m);
         for p in p0..p1 {
-            let mut i = i0;
-            while i < i1 {
-                let r = I::MR.min(i1 - i);
-                let mut tile = [[0.0f32; PANEL]; 8];
-                match (job.w.ty, r) {
-                    (QuantType::Q4_0, 1) => tile_q4::<I, 1>(job, p, i, &mut tile),
-                    (QuantType::Q4_0, 2) => tile_q4::<I, 2>(job, p, i, &mut tile),
-                    (QuantType::Q4_0, 3) => tile_q4::<I, 3>(job, p, i, &mut tile),
-                    (QuantType::Q4_0, 4) => tile_q4::<I, 4>(job, p, i, &mut tile),
-                    (QuantType::Q4_0, 5) => tile_q4::<I, 5>(job, p, i, &mut tile),
-                    (QuantType::Q4_0, 6) => tile_q4::<I, 6>(job, p, i, &mut tile),
-                    (QuantType::Q4_0, 7) => tile_q4::<I, 7>(job, p, i, &mut tile),
-                    (QuantType::Q4_0, _) => tile_q4::<I, 8>(job, p, i, &mut tile),
-                    (_, 1) => tile_q8::<I, 1>(job, p, i, &mut tile),
-                    (_, 2) => tile_q8::<I, 2>(job, p, i, &mut tile),
-                    (_, 3) => tile_q8::<I, 3>(job, p, i, &mut tile),
-                    (_, 4) => tile_q8::<I, 4>(job, p, i, &mut tile),
-                    (_, 5) => tile_q8::<I, 5>(job, p, i, &mut tile),
-                    (_, 6) => tile_q8::<I, 6>(job, p, i, &mut tile),
-                    (_, 7) => tile_q8::<I, 7>(job, p, i, &mut tile),
-                    (_, _) => tile_q8::<I, 8>(job, p, i, &mut tile),
+            for i in (i0..i1).step_by(g) {
+                let r = g.min(i1 - i);
+                let mut tile = [[0.0f32; PANEL]; MAX_MR];
+                let grp = i / g;
+                macro_rules! tiles {
+                    ($($m:literal)*) => {
+                        match (job.w.ty, r) {
+                            $((QuantType::Q4_0, $m) => tile_q4::<I, $m>(job, p, grp, &mut tile),)*
+                            $((_, $m) => tile_q8::<I, $m>(job, p, grp, &mut tile),)*
+                            _ => unreachable!("tile of {r} rows"),
+                        }
+                    };
                 }
+                tiles!(1 2 3 4 5 6 7 8 9 10 11 12);
                 let c0 = p * PANEL;
                 let cols = PANEL.min(n - c0);
                 for (ii, t) in tile[..r].iter().enumerate() {
                     let o = job.out.0.add((i + ii) * n + c0);
                     write_tile(&t[..cols], o, c0, job.bias, job.epilogue);
                 }
-                i += r;
             }
         }
     }
+}
+
+/// The tallest micro-tile of any level.
+const MAX_MR: usize = 12;
+
+/// Pointers to block 0 of a group's quants, scales and start values.
+#[inline(always)]
+unsafe fn group_ptrs(a: &Acts, grp: usize) -> (*const i8, *const f32, *const i32) {
+    let o = grp * a.nb * a.g;
+    (
+        a.qs.as_ptr().add(o * QK),
+        a.d.as_ptr().add(o),
+        a.init.as_ptr().add(o),
+    )
+}
+
+/// Tiles of few rows run two dot chains per row, so the `vpdpbusd` latency
+/// (about 5 cycles) does not bound them; tall tiles have enough rows in flight.
+const fn two_chains(m: usize) -> bool {
+    m <= 4
 }
 
 #[inline(always)]
 unsafe fn tile_q4<I: Isa, const M: usize>(
     job: &Job,
     p: usize,
-    i0: usize,
-    tile: &mut [[f32; PANEL]; 8],
+    grp: usize,
+    tile: &mut [[f32; PANEL]; MAX_MR],
 ) {
     let a = job.acts;
-    let nb = a.nb;
+    let g = a.g;
     let bb = job.w.block_bytes;
     let mut blk = job.w.panel(p);
-    // Row i's block b: quants at xq[i] + 32 b, scale and offset at xd[i] / xo[i] + b.
-    let xq: [*const i8; M] = std::array::from_fn(|i| a.qs.as_ptr().add((i0 + i) * nb * QK));
-    let xd: [*const f32; M] = std::array::from_fn(|i| a.d.as_ptr().add((i0 + i) * nb));
-    let xo: [*const f32; M] = std::array::from_fn(|i| a.off.as_ptr().add((i0 + i) * nb));
+    let (mut xq, mut xd, mut xi) = group_ptrs(a, grp);
     let mut facc = [I::fzero(); M];
-    for b in 0..nb {
-        // Two chains per row (low / high nibbles) halve the dot latency chain.
-        let mut lo_acc = [I::izero(); M];
-        let mut hi_acc = [I::izero(); M];
+    for _ in 0..a.nb {
+        let mut acc: [I::I; M] = std::array::from_fn(|i| I::bcast_i32(xi.add(i)));
+        let mut acc2 = [I::izero(); M];
         for c in 0..4 {
             let (lo, hi) = I::nibbles(I::load_q(blk.add(32 + 64 * c)));
             for i in 0..M {
-                let xp = xq[i].add(b * QK);
-                lo_acc[i] = I::dot_us(lo_acc[i], lo, I::bcast4(xp.add(4 * c)));
-                hi_acc[i] = I::dot_us(hi_acc[i], hi, I::bcast4(xp.add(16 + 4 * c)));
+                let xp = xq.add(i * QK + 4 * c);
+                acc[i] = I::dot_us(acc[i], lo, I::bcast4(xp));
+                if two_chains(M) {
+                    acc2[i] = I::dot_us(acc2[i], hi, I::bcast4(xp.add(16)));
+                } else {
+                    acc[i] = I::dot_us(acc[i], hi, I::bcast4(xp.add(16)));
+                }
             }
         }
         let dw = I::scales(blk);
         for i in 0..M {
-            let acc = I::iadd(lo_acc[i], hi_acc[i]);
-            facc[i] = I::fma_block(facc[i], acc, *xo[i].add(b), dw, *xd[i].add(b));
+            let s = if two_chains(M) {
+                I::iadd(acc[i], acc2[i])
+            } else {
+                acc[i]
+            };
+            facc[i] = I::fma_block(facc[i], s, dw, xd.add(i));
         }
         blk = blk.add(bb);
+        xq = xq.add(g * QK);
+        xd = xd.add(g);
+        xi = xi.add(g);
     }
     for i in 0..M {
         I::store(facc[i], &mut tile[i]);
@@ -488,53 +548,44 @@ unsafe fn tile_q4<I: Isa, const M: usize>(
 unsafe fn tile_q8<I: Isa, const M: usize>(
     job: &Job,
     p: usize,
-    i0: usize,
-    tile: &mut [[f32; PANEL]; 8],
+    grp: usize,
+    tile: &mut [[f32; PANEL]; MAX_MR],
 ) {
     let a = job.acts;
-    let nb = a.nb;
+    let g = a.g;
     let bb = job.w.block_bytes;
     let mut blk = job.w.panel(p);
-    let xq: [*const i8; M] = std::array::from_fn(|i| a.qs.as_ptr().add((i0 + i) * nb * QK));
-    let xu: [*const u8; M] = if I::Q8_UNSIGNED_X {
-        std::array::from_fn(|i| a.qu.as_ptr().add((i0 + i) * nb * QK))
-    } else {
-        [std::ptr::null(); M]
-    };
-    let xd: [*const f32; M] = std::array::from_fn(|i| a.d.as_ptr().add((i0 + i) * nb));
+    let (mut xq, mut xd, mut xi) = group_ptrs(a, grp);
     let mut facc = [I::fzero(); M];
-    for b in 0..nb {
-        let mut even = [I::izero(); M];
-        let mut odd = [I::izero(); M];
-        let mut wsum = I::izero();
+    for _ in 0..a.nb {
+        let mut acc: [I::I; M] = std::array::from_fn(|i| I::bcast_i32(xi.add(i)));
+        let mut acc2 = [I::izero(); M];
         for c in (0..8).step_by(2) {
-            let w0 = I::load_q(blk.add(32 + 64 * c));
-            let w1 = I::load_q(blk.add(32 + 64 * (c + 1)));
-            if I::Q8_UNSIGNED_X {
-                wsum = I::dot_us(wsum, I::ones(), w0);
-                wsum = I::dot_us(wsum, I::ones(), w1);
-                for i in 0..M {
-                    let xp = xu[i].add(b * QK) as *const i8;
-                    even[i] = I::dot_us(even[i], I::bcast4(xp.add(4 * c)), w0);
-                    odd[i] = I::dot_us(odd[i], I::bcast4(xp.add(4 * c + 4)), w1);
-                }
-            } else {
-                for i in 0..M {
-                    let xp = xq[i].add(b * QK);
-                    even[i] = I::dot_ss(even[i], w0, I::bcast4(xp.add(4 * c)));
-                    odd[i] = I::dot_ss(odd[i], w1, I::bcast4(xp.add(4 * c + 4)));
+            let w0 = I::q8_prep(I::load_q(blk.add(32 + 64 * c)));
+            let w1 = I::q8_prep(I::load_q(blk.add(32 + 64 * (c + 1))));
+            for i in 0..M {
+                let xp = xq.add(i * QK + 4 * c);
+                acc[i] = I::q8_dot(acc[i], w0, I::bcast4(xp));
+                if two_chains(M) {
+                    acc2[i] = I::q8_dot(acc2[i], w1, I::bcast4(xp.add(4)));
+                } else {
+                    acc[i] = I::q8_dot(acc[i], w1, I::bcast4(xp.add(4)));
                 }
             }
         }
         let dw = I::scales(blk);
         for i in 0..M {
-            let mut acc = I::iadd(even[i], odd[i]);
-            if I::Q8_UNSIGNED_X {
-                acc = I::sub_128x(acc, wsum);
-            }
-            facc[i] = I::fma_block(facc[i], acc, 0.0, dw, *xd[i].add(b));
+            let s = if two_chains(M) {
+                I::iadd(acc[i], acc2[i])
+            } else {
+                acc[i]
+            };
+            facc[i] = I::fma_block(facc[i], s, dw, xd.add(i));
         }
         blk = blk.add(bb);
+        xq = xq.add(g * QK);
+        xd = xd.add(g);
+        xi = xi.add(g);
     }
     for i in 0..M {
         I::store(facc[i], &mut tile[i]);
@@ -547,14 +598,18 @@ struct Portable;
 impl Isa for Portable {
     type I = [i32; 16];
     type F = [f32; 16];
-    const MR: usize = 2;
+    type W = [i32; 16];
+    #[inline(always)]
+    unsafe fn fzero() -> [f32; 16] {
+        [0.0; 16]
+    }
     #[inline(always)]
     unsafe fn izero() -> [i32; 16] {
         [0; 16]
     }
     #[inline(always)]
-    unsafe fn fzero() -> [f32; 16] {
-        [0.0; 16]
+    unsafe fn bcast_i32(p: *const i32) -> [i32; 16] {
+        [*p; 16]
     }
     #[inline(always)]
     unsafe fn load_q(p: *const u8) -> [i32; 16] {
@@ -579,30 +634,16 @@ impl Isa for Portable {
         })
     }
     #[inline(always)]
-    unsafe fn dot_ss(acc: [i32; 16], w: [i32; 16], x: [i32; 16]) -> [i32; 16] {
-        std::array::from_fn(|l| {
-            let (w, x) = (w[l].to_le_bytes(), x[l].to_le_bytes());
-            acc[l]
-                + (0..4)
-                    .map(|t| w[t] as i8 as i32 * x[t] as i8 as i32)
-                    .sum::<i32>()
-        })
+    unsafe fn q8_prep(wu: [i32; 16]) -> [i32; 16] {
+        wu
     }
     #[inline(always)]
-    unsafe fn abs_sign(w: [i32; 16], x: [i32; 16]) -> ([i32; 16], [i32; 16]) {
-        (w, x) // unused: dot_ss is direct
+    unsafe fn q8_dot(acc: [i32; 16], w: [i32; 16], x: [i32; 16]) -> [i32; 16] {
+        Self::dot_us(acc, w, x)
     }
     #[inline(always)]
     unsafe fn iadd(a: [i32; 16], b: [i32; 16]) -> [i32; 16] {
         std::array::from_fn(|l| a[l] + b[l])
-    }
-    #[inline(always)]
-    unsafe fn sub_128x(acc: [i32; 16], s: [i32; 16]) -> [i32; 16] {
-        std::array::from_fn(|l| acc[l] - 128 * s[l])
-    }
-    #[inline(always)]
-    unsafe fn ones() -> [i32; 16] {
-        [0x0101_0101; 16]
     }
     #[inline(always)]
     unsafe fn scales(p: *const u8) -> [f32; 16] {
@@ -613,16 +654,21 @@ impl Isa for Portable {
     unsafe fn fma_block(
         facc: [f32; 16],
         acc: [i32; 16],
-        off: f32,
         dw: [f32; 16],
-        dx: f32,
+        dx: *const f32,
     ) -> [f32; 16] {
-        std::array::from_fn(|l| (acc[l] as f32 - off).mul_add(dw[l] * dx, facc[l]))
+        let dx = *dx;
+        std::array::from_fn(|l| (acc[l] as f32).mul_add(dw[l] * dx, facc[l]))
     }
     #[inline(always)]
     unsafe fn store(v: [f32; 16], out: &mut [f32; PANEL]) {
         *out = v;
     }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod x86 {
+    pub(super) const ZMM_MR: usize = 2;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -631,6 +677,10 @@ mod x86 {
 
     use super::{sweep, Isa, Job, PANEL};
 
+    /// 12 rows x (one accumulator + one f32 sum) + a weight vector and the
+    /// scales: 26 of the 32 zmm registers.
+    pub(super) const ZMM_MR: usize = 12;
+
     /// One 512-bit register per 16 lanes; `VNNI` picks `vpdpbusd` over
     /// `maddubs` + `madd`.
     pub(super) struct Zmm<const VNNI: bool>;
@@ -638,14 +688,19 @@ mod x86 {
     impl<const VNNI: bool> Isa for Zmm<VNNI> {
         type I = __m512i;
         type F = __m512;
-        const MR: usize = 8;
+        /// `(|w|, w)` for `maddubs`, `(w + 128, _)` for `vpdpbusd`
+        type W = (__m512i, __m512i);
+        #[inline(always)]
+        unsafe fn fzero() -> __m512 {
+            _mm512_setzero_ps()
+        }
         #[inline(always)]
         unsafe fn izero() -> __m512i {
             _mm512_setzero_si512()
         }
         #[inline(always)]
-        unsafe fn fzero() -> __m512 {
-            _mm512_setzero_ps()
+        unsafe fn bcast_i32(p: *const i32) -> __m512i {
+            _mm512_set1_epi32(*p)
         }
         #[inline(always)]
         unsafe fn load_q(p: *const u8) -> __m512i {
@@ -673,34 +728,36 @@ mod x86 {
             }
         }
         #[inline(always)]
-        unsafe fn abs_sign(w: __m512i, x: __m512i) -> (__m512i, __m512i) {
-            let neg = _mm512_movepi8_mask(w);
-            (
-                _mm512_abs_epi8(w),
-                _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x),
-            )
+        unsafe fn q8_prep(wu: __m512i) -> (__m512i, __m512i) {
+            if VNNI {
+                (wu, wu)
+            } else {
+                let w = _mm512_xor_si512(wu, _mm512_set1_epi8(-128));
+                (_mm512_abs_epi8(w), w)
+            }
+        }
+        #[inline(always)]
+        unsafe fn q8_dot(acc: __m512i, w: (__m512i, __m512i), x: __m512i) -> __m512i {
+            if VNNI {
+                Self::dot_us(acc, w.0, x)
+            } else {
+                let neg = _mm512_movepi8_mask(w.1);
+                let xs = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
+                Self::dot_us(acc, w.0, xs)
+            }
         }
         #[inline(always)]
         unsafe fn iadd(a: __m512i, b: __m512i) -> __m512i {
             _mm512_add_epi32(a, b)
-        }
-        const Q8_UNSIGNED_X: bool = VNNI;
-        #[inline(always)]
-        unsafe fn sub_128x(acc: __m512i, s: __m512i) -> __m512i {
-            _mm512_sub_epi32(acc, _mm512_slli_epi32(s, 7))
-        }
-        #[inline(always)]
-        unsafe fn ones() -> __m512i {
-            _mm512_set1_epi8(1)
         }
         #[inline(always)]
         unsafe fn scales(p: *const u8) -> __m512 {
             _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
         }
         #[inline(always)]
-        unsafe fn fma_block(facc: __m512, acc: __m512i, off: f32, dw: __m512, dx: f32) -> __m512 {
-            let v = _mm512_sub_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(off));
-            _mm512_fmadd_ps(v, _mm512_mul_ps(dw, _mm512_set1_ps(dx)), facc)
+        unsafe fn fma_block(facc: __m512, acc: __m512i, dw: __m512, dx: *const f32) -> __m512 {
+            let s = _mm512_mul_ps(dw, _mm512_set1_ps(*dx));
+            _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, facc)
         }
         #[inline(always)]
         unsafe fn store(v: __m512, out: &mut [f32; PANEL]) {
@@ -717,14 +774,19 @@ mod x86 {
     impl<const VNNI: bool> Isa for Ymm<VNNI> {
         type I = I2;
         type F = F2;
-        const MR: usize = 2;
+        /// `(|w|, w)` for `maddubs`, `(w + 128, _)` for `vpdpbusd`
+        type W = (I2, I2);
+        #[inline(always)]
+        unsafe fn fzero() -> F2 {
+            [_mm256_setzero_ps(); 2]
+        }
         #[inline(always)]
         unsafe fn izero() -> I2 {
             [_mm256_setzero_si256(); 2]
         }
         #[inline(always)]
-        unsafe fn fzero() -> F2 {
-            [_mm256_setzero_ps(); 2]
+        unsafe fn bcast_i32(p: *const i32) -> I2 {
+            [_mm256_set1_epi32(*p); 2]
         }
         #[inline(always)]
         unsafe fn load_q(p: *const u8) -> I2 {
@@ -756,24 +818,26 @@ mod x86 {
             })
         }
         #[inline(always)]
-        unsafe fn abs_sign(w: I2, x: I2) -> (I2, I2) {
-            (
-                w.map(|h| _mm256_sign_epi8(h, h)),
-                std::array::from_fn(|h| _mm256_sign_epi8(x[h], w[h])),
-            )
+        unsafe fn q8_prep(wu: I2) -> (I2, I2) {
+            if VNNI {
+                (wu, wu)
+            } else {
+                let w = wu.map(|h| _mm256_xor_si256(h, _mm256_set1_epi8(-128)));
+                (w.map(|h| _mm256_sign_epi8(h, h)), w)
+            }
+        }
+        #[inline(always)]
+        unsafe fn q8_dot(acc: I2, w: (I2, I2), x: I2) -> I2 {
+            if VNNI {
+                Self::dot_us(acc, w.0, x)
+            } else {
+                let xs = std::array::from_fn(|h| _mm256_sign_epi8(x[h], w.1[h]));
+                Self::dot_us(acc, w.0, xs)
+            }
         }
         #[inline(always)]
         unsafe fn iadd(a: I2, b: I2) -> I2 {
             std::array::from_fn(|h| _mm256_add_epi32(a[h], b[h]))
-        }
-        const Q8_UNSIGNED_X: bool = VNNI;
-        #[inline(always)]
-        unsafe fn sub_128x(acc: I2, s: I2) -> I2 {
-            std::array::from_fn(|h| _mm256_sub_epi32(acc[h], _mm256_slli_epi32(s[h], 7)))
-        }
-        #[inline(always)]
-        unsafe fn ones() -> I2 {
-            [_mm256_set1_epi8(1); 2]
         }
         #[inline(always)]
         unsafe fn scales(p: *const u8) -> F2 {
@@ -783,10 +847,14 @@ mod x86 {
             ]
         }
         #[inline(always)]
-        unsafe fn fma_block(facc: F2, acc: I2, off: f32, dw: F2, dx: f32) -> F2 {
+        unsafe fn fma_block(facc: F2, acc: I2, dw: F2, dx: *const f32) -> F2 {
+            let dx = _mm256_set1_ps(*dx);
             std::array::from_fn(|h| {
-                let v = _mm256_sub_ps(_mm256_cvtepi32_ps(acc[h]), _mm256_set1_ps(off));
-                _mm256_fmadd_ps(v, _mm256_mul_ps(dw[h], _mm256_set1_ps(dx)), facc[h])
+                _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(acc[h]),
+                    _mm256_mul_ps(dw[h], dx),
+                    facc[h],
+                )
             })
         }
         #[inline(always)]
@@ -794,6 +862,42 @@ mod x86 {
             _mm256_storeu_ps(out.as_mut_ptr(), v[0]);
             _mm256_storeu_ps(out.as_mut_ptr().add(8), v[1]);
         }
+    }
+
+    /// [`quantize_act_block`](crate::quant::quantize_act_block) on two zmm
+    /// registers, bit for bit: the same scale arithmetic, and `round` (half away
+    /// from zero) as `trunc(v + copysign(0.49999997, v))`, exact for every f32.
+    /// Blocks with a NaN or an infinity take the scalar path (its saturating
+    /// casts define them).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+    pub(super) unsafe fn quantize_act_block_avx512(x: &[f32; 32], q: &mut [i8; 32]) -> (f32, i32) {
+        let a = _mm512_loadu_ps(x.as_ptr());
+        let b = _mm512_loadu_ps(x.as_ptr().add(16));
+        let (aa, ab) = (_mm512_abs_ps(a), _mm512_abs_ps(b));
+        let inf = _mm512_set1_ps(f32::INFINITY);
+        // not (|v| < inf): NaN or infinite
+        if (_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(aa, inf) | _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(ab, inf))
+            != 0
+        {
+            return crate::quant::quantize_act_block(x, q);
+        }
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(aa, ab));
+        let d = amax / 127.0;
+        let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let round = |v: __m512| {
+            let v = _mm512_mul_ps(v, id);
+            let sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(i32::MIN));
+            let half = _mm512_or_si512(sign, _mm512_castps_si512(_mm512_set1_ps(0.49999997)));
+            let t = _mm512_add_ps(v, _mm512_castsi512_ps(half));
+            _mm512_cvttps_epi32(t)
+        };
+        let (qa, qb) = (round(a), round(b));
+        _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(qa));
+        _mm_storeu_si128(
+            q.as_mut_ptr().add(16) as *mut __m128i,
+            _mm512_cvtepi32_epi8(qb),
+        );
+        (d, _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)))
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
