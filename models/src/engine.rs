@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mipha_runtime::{
-    Backend, BindOptions, BlockPool, Capture, CpuBackend, Error, Input, KvConfig, MqfFile, Plan,
-    Result, SeqId, Step, Weights,
+    Backend, BindOptions, BlockPool, Capture, CpuBackend, DeviceChoice, Error, Input, KvConfig,
+    MqfFile, Plan, ResidentRows, Result, SeqId, Step, Weights,
 };
 
 use crate::config::{PhiConfig, VisionConfig};
@@ -42,6 +42,9 @@ pub struct EngineOptions {
     /// Off: f32 activations against the weights in place (several times slower;
     /// bit-for-bit the math of a dequantized-weights oracle, for conformance).
     pub int8_activations: bool,
+    /// where the plans run: the CPU (default), a CUDA GPU, or `auto` (the GPU when
+    /// one is usable, else the CPU; [`Engine::device`] says which)
+    pub device: DeviceChoice,
 }
 
 impl Default for EngineOptions {
@@ -55,6 +58,45 @@ impl Default for EngineOptions {
             verify: false,
             image_cache: 8,
             int8_activations: true,
+            device: DeviceChoice::Cpu,
+        }
+    }
+}
+
+/// An image's projected embeddings, `[num_patches, hidden]`: on the host, or
+/// kept on the GPU when the engine runs there (they then feed the prefill
+/// device to device, never coming back to the host).
+#[derive(Clone, Debug)]
+pub enum ImageEmbeddings {
+    Host(Arc<Vec<f32>>),
+    Resident(Arc<dyn ResidentRows>),
+}
+
+impl From<Arc<Vec<f32>>> for ImageEmbeddings {
+    fn from(v: Arc<Vec<f32>>) -> Self {
+        ImageEmbeddings::Host(v)
+    }
+}
+
+impl ImageEmbeddings {
+    /// Appends one input row per patch (`width` = the model's hidden size).
+    pub fn push_inputs<'a>(&'a self, width: usize, inputs: &mut Vec<Input<'a>>) {
+        match self {
+            ImageEmbeddings::Host(v) => inputs.extend(v.chunks_exact(width).map(Input::Embedding)),
+            ImageEmbeddings::Resident(r) => {
+                inputs.extend((0..r.rows()).map(|row| Input::Resident {
+                    rows: r.as_ref(),
+                    row,
+                }))
+            }
+        }
+    }
+
+    /// The values on the host (a download for device-resident ones).
+    pub fn to_host(&self) -> Result<Arc<Vec<f32>>> {
+        match self {
+            ImageEmbeddings::Host(v) => Ok(v.clone()),
+            ImageEmbeddings::Resident(r) => Ok(Arc::new(r.to_host()?)),
         }
     }
 }
@@ -99,8 +141,10 @@ pub struct Engine {
     exec: Mutex<Exec>,
     /// the backends' threads; decode loops run on one of them
     pool: Arc<rayon::ThreadPool>,
-    image_cache: Mutex<VecDeque<(u128, Arc<Vec<f32>>)>>,
+    image_cache: Mutex<VecDeque<(u128, ImageEmbeddings)>>,
     options: EngineOptions,
+    /// the device the plans run on, e.g. `cuda:0 (...)` or `cpu (auto: ...)`
+    device: String,
     load_time: Duration,
 }
 
@@ -133,8 +177,10 @@ impl Engine {
             n_blocks: blocks_per_seq * options.max_sequences.max(1),
             block_size: options.kv_block_size,
         };
+        // The pool runs the CPU backend's kernels, and decode loops on any device.
         let pool = CpuBackend::thread_pool(options.threads)?;
-        let backend = CpuBackend::with_pool(&plan, Some(kv), pool.clone())?;
+        let device = options.device.resolve()?;
+        let backend = device.backend(&plan, &weights, Some(kv), pool.clone(), bind)?;
         // Block tables hold a full context from the start: a decode step never grows one.
         let blocks = BlockPool::new(kv.n_blocks, kv.block_size)
             .with_sequence_capacity(config.max_position_embeddings);
@@ -169,7 +215,7 @@ impl Engine {
         };
         let vision_exec = match &vision {
             Some(v) => Some(VisionExec {
-                backend: Box::new(CpuBackend::with_pool(&v.plan, None, pool.clone())?),
+                backend: device.backend(&v.plan, &v.weights, None, pool.clone(), bind)?,
                 patches: Vec::new(),
             }),
             None => None,
@@ -183,13 +229,14 @@ impl Engine {
             weights,
             vision,
             exec: Mutex::new(Exec {
-                backend: Box::new(backend),
+                backend,
                 blocks,
                 vision: vision_exec,
             }),
             pool,
             image_cache: Mutex::new(VecDeque::new()),
             options,
+            device: device.describe(),
             load_time: start.elapsed(),
         })
     }
@@ -214,6 +261,11 @@ impl Engine {
     }
     pub fn backend_name(&self) -> String {
         self.lock().backend.name()
+    }
+    /// The device the plans run on, as `--device` resolved: `cpu`,
+    /// `cpu (auto: <why no GPU>)` or the GPU, e.g. `cuda:0 (NVIDIA H100 ..., sm_90, ...)`.
+    pub fn device(&self) -> &str {
+        &self.device
     }
 
     /// Most positions (prompt + generated) one sequence may hold.
@@ -352,22 +404,25 @@ impl Engine {
         pixels: &[f32],
         capture: Option<&mut (dyn Capture + '_)>,
     ) -> Result<Vec<f32>> {
-        let vision = self
-            .vision
-            .as_ref()
-            .ok_or_else(|| Error::Config("this model file has no vision tower".into()))?;
-        let cfg = &vision.config;
-        let want = cfg.num_channels * cfg.image_size * cfg.image_size;
-        if pixels.len() != want {
-            return Err(Error::Other(format!(
-                "pixel buffer holds {} values, the vision tower takes {want} ({}x{}x{})",
-                pixels.len(),
-                cfg.num_channels,
-                cfg.image_size,
-                cfg.image_size
-            )));
-        }
+        self.check_pixels(pixels)?;
+        let cfg = &self.vision.as_ref().expect("checked above").config;
+        let mut out = vec![0.0; cfg.num_patches() * cfg.projector_hidden];
         let mut guard = self.lock();
+        let exec = self.run_vision(&mut guard, pixels, capture)?;
+        exec.backend.read_output(&mut out)?;
+        Ok(out)
+    }
+
+    /// Runs the vision plan over `pixels` (checked by the caller); its output
+    /// stays in the backend.
+    fn run_vision<'g>(
+        &self,
+        guard: &'g mut Exec,
+        pixels: &[f32],
+        capture: Option<&mut (dyn Capture + '_)>,
+    ) -> Result<&'g mut VisionExec> {
+        let vision = self.vision.as_ref().expect("checked by the callers");
+        let cfg = &vision.config;
         let exec = guard.vision.as_mut().expect("built with the vision plan");
         patchify(cfg, pixels, &mut exec.patches);
         let inputs: Vec<Input> = exec
@@ -383,16 +438,49 @@ impl Engine {
         };
         exec.backend
             .execute(&vision.plan, &vision.weights, &step, capture)?;
-        let mut out = vec![0.0; cfg.num_patches() * cfg.projector_hidden];
-        exec.backend.read_output(&mut out)?;
-        Ok(out)
+        Ok(exec)
     }
 
-    /// [`Engine::encode_pixels`] through a small LRU keyed by `key` (a content
+    /// The image embeddings of `pixels` where the language model reads them: kept
+    /// on the GPU when the engine runs there (no round trip through the host),
+    /// else on the host.
+    pub fn encode_image(&self, pixels: &[f32]) -> Result<ImageEmbeddings> {
+        self.check_pixels(pixels)?;
+        let mut guard = self.lock();
+        let exec = self.run_vision(&mut guard, pixels, None)?;
+        if let Some(rows) = exec.backend.keep_output()? {
+            return Ok(ImageEmbeddings::Resident(rows));
+        }
+        let cfg = &self.vision.as_ref().expect("checked above").config;
+        let mut out = vec![0.0; cfg.num_patches() * cfg.projector_hidden];
+        exec.backend.read_output(&mut out)?;
+        Ok(ImageEmbeddings::Host(Arc::new(out)))
+    }
+
+    fn check_pixels(&self, pixels: &[f32]) -> Result<()> {
+        let vision = self
+            .vision
+            .as_ref()
+            .ok_or_else(|| Error::Config("this model file has no vision tower".into()))?;
+        let cfg = &vision.config;
+        let want = cfg.num_channels * cfg.image_size * cfg.image_size;
+        if pixels.len() != want {
+            return Err(Error::Other(format!(
+                "pixel buffer holds {} values, the vision tower takes {want} ({}x{}x{})",
+                pixels.len(),
+                cfg.num_channels,
+                cfg.image_size,
+                cfg.image_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// [`Engine::encode_image`] through a small LRU keyed by `key` (a content
     /// hash of the image): the second question about a picture costs no encode.
     /// Returns the embeddings and whether they came from the cache.
-    pub fn encode_image_cached(&self, pixels: &[f32], key: u128) -> Result<(Arc<Vec<f32>>, bool)> {
-        let lookup = |cache: &mut VecDeque<(u128, Arc<Vec<f32>>)>| {
+    pub fn encode_image_keyed(&self, pixels: &[f32], key: u128) -> Result<(ImageEmbeddings, bool)> {
+        let lookup = |cache: &mut VecDeque<(u128, ImageEmbeddings)>| {
             let at = cache.iter().position(|(k, _)| *k == key)?;
             let hit = cache.remove(at)?;
             let embeds = hit.1.clone();
@@ -402,7 +490,7 @@ impl Engine {
         if let Some(e) = lookup(&mut self.cache()) {
             return Ok((e, true));
         }
-        let embeds = Arc::new(self.encode_pixels(pixels, None)?);
+        let embeds = self.encode_image(pixels)?;
         let mut cache = self.cache();
         if self.options.image_cache > 0 {
             cache.push_front((key, embeds.clone()));
@@ -411,7 +499,14 @@ impl Engine {
         Ok((embeds, false))
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, VecDeque<(u128, Arc<Vec<f32>>)>> {
+    /// [`Engine::encode_image_keyed`] with the embeddings on the host (a download
+    /// when the engine keeps them on the GPU).
+    pub fn encode_image_cached(&self, pixels: &[f32], key: u128) -> Result<(Arc<Vec<f32>>, bool)> {
+        let (e, cached) = self.encode_image_keyed(pixels, key)?;
+        Ok((e.to_host()?, cached))
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, VecDeque<(u128, ImageEmbeddings)>> {
         self.image_cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -44,9 +44,10 @@ pub mod tokenizer;
 
 pub use config::{PhiConfig, VisionConfig};
 pub use engine::{
-    CancelToken, DecodeStep, Decoder, Engine, EngineOptions, GenerateOptions, Generation, Logits,
-    StopReason, TextDecoder, Timings,
+    CancelToken, DecodeStep, Decoder, Engine, EngineOptions, GenerateOptions, Generation,
+    ImageEmbeddings, Logits, StopReason, TextDecoder, Timings,
 };
+pub use mipha_runtime::DeviceChoice;
 pub use sampling::{Sampler, SamplingParams};
 pub use session::{ImageEmbeds, Reply, Session, TurnStats};
 pub use template::{ChatTemplate, Segment, Turn};

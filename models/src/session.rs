@@ -7,17 +7,17 @@ use std::time::{Duration, Instant};
 
 use mipha_runtime::{Error, Input, Result, SeqId};
 
-use crate::engine::{CancelToken, Engine, GenerateOptions, Logits, StopReason};
+use crate::engine::{CancelToken, Engine, GenerateOptions, ImageEmbeddings, Logits, StopReason};
 use crate::template::Turn;
 use crate::tokenizer::PromptId;
 
 /// An image's projected embeddings, `[num_patches, hidden]`, shared through the
-/// engine's cache.
+/// engine's cache (on the GPU when the engine runs there).
 #[derive(Clone, Debug)]
 pub struct ImageEmbeds {
     /// content hash of the decoded pixels (the cache key)
     pub key: u128,
-    pub embeds: Arc<Vec<f32>>,
+    pub embeds: ImageEmbeddings,
 }
 
 /// Where the time of one turn went.
@@ -141,7 +141,7 @@ impl Session {
     /// question. Identical pictures are encoded once per engine.
     pub fn attach_pixels(&mut self, pixels: &[f32], key: u128) -> Result<()> {
         let t = Instant::now();
-        let (embeds, cached) = self.engine.encode_image_cached(pixels, key)?;
+        let (embeds, cached) = self.engine.encode_image_keyed(pixels, key)?;
         let st = &mut self.pending_stats;
         if cached {
             st.images_cached += 1;
@@ -313,7 +313,7 @@ impl Session {
                         Error::Other(format!("the prompt names image {i}, which is not attached"))
                     })?;
                     let h = engine.config().hidden_size;
-                    inputs.extend(img.embeds.chunks_exact(h).map(Input::Embedding));
+                    img.embeds.push_inputs(h, &mut inputs);
                 }
             }
         }

@@ -78,8 +78,6 @@ impl ResidentRows for CudaRows {
 /// `&mut CudaBackend` (one thread at a time), as cudarc's docs require.
 struct DecodeGraph {
     graph: CudaGraph,
-    /// block-table length it was captured with (the split count depends on it)
-    table_len: usize,
 }
 
 unsafe impl Send for DecodeGraph {}
@@ -134,6 +132,8 @@ pub struct CudaBackend {
     /// why capture failed (decode then runs plain launches)
     graph_error: Option<String>,
     graph_replays: u64,
+    /// steps of more than GEMV_MAX_ROWS rows multiply through the f16 GEMM
+    f16_gemm: bool,
 }
 
 fn alloc(dev: &Device, n: usize) -> Result<DeviceBuffer<f32>> {
@@ -253,6 +253,7 @@ impl CudaBackend {
             graph: None,
             graph_error: None,
             graph_replays: 0,
+            f16_gemm: true,
             dev,
         })
     }
@@ -268,6 +269,13 @@ impl CudaBackend {
         if !on {
             self.graph = None;
         }
+    }
+
+    /// Whether matmuls of more than `GEMV_MAX_ROWS` rows use cuBLAS's f16
+    /// tensor-core GEMM (on by default: prefill and vision speed) or stay on the
+    /// f32 GEMV kernels (exact f32 activations, as the conformance tests want).
+    pub fn set_f16_gemm(&mut self, on: bool) {
+        self.f16_gemm = on;
     }
 
     /// Decode steps replayed from the captured graph so far.
@@ -503,25 +511,12 @@ impl CudaBackend {
     /// there is none. Returns false (and runs nothing) when capture failed; the
     /// caller then launches the step plainly.
     fn run_graph(&mut self, plan: &Plan, step: &Step) -> Result<bool> {
-        let table_len = step.block_table.len();
-        if self
-            .graph
-            .as_ref()
-            .is_some_and(|g| g.table_len != table_len)
-        {
-            self.graph = None;
-        }
         if self.graph.is_none() {
             if self.graph_error.is_some() {
                 return Ok(false);
             }
             match self.capture(plan, step) {
-                Ok(g) => {
-                    self.graph = Some(DecodeGraph {
-                        graph: g,
-                        table_len,
-                    })
-                }
+                Ok(g) => self.graph = Some(DecodeGraph { graph: g }),
                 Err(e) => {
                     eprintln!(
                         "mipha: CUDA graph capture of the decode step failed, using plain \
@@ -837,22 +832,27 @@ impl CudaBackend {
             Rows::Outputs => self.gather.slice(..m * kdim),
         };
         let mut ov = o.slice_mut(..m * nw);
-        match epilogue {
-            Epilogue::Store => dev.matmul(&xv, m, wm, bias, &mut ov),
-            Epilogue::GeluTanh | Epilogue::GeluErf => {
-                dev.matmul(&xv, m, wm, bias, &mut ov).and_then(|()| {
-                    let kind = if epilogue == Epilogue::GeluTanh {
-                        mipha_kernels::cuda::GeluKind::Tanh
-                    } else {
-                        mipha_kernels::cuda::GeluKind::Erf
-                    };
-                    dev.gelu(&mut ov, None, nw, kind)
-                })
+        let f16_gemm = self.f16_gemm;
+        let mm = |x: &_, out: &mut _| {
+            if f16_gemm {
+                dev.matmul(x, m, wm, bias, out)
+            } else {
+                dev.gemv(x, m, wm, bias, out)
             }
+        };
+        match epilogue {
+            Epilogue::Store => mm(&xv, &mut ov),
+            Epilogue::GeluTanh | Epilogue::GeluErf => mm(&xv, &mut ov).and_then(|()| {
+                let kind = if epilogue == Epilogue::GeluTanh {
+                    mipha_kernels::cuda::GeluKind::Tanh
+                } else {
+                    mipha_kernels::cuda::GeluKind::Erf
+                };
+                dev.gelu(&mut ov, None, nw, kind)
+            }),
             Epilogue::Accumulate => {
                 let mut t = self.scratch.slice_mut(..m * nw);
-                dev.matmul(&xv, m, wm, bias, &mut t)
-                    .and_then(|()| dev.add_assign(&mut ov, &t))
+                mm(&xv, &mut t).and_then(|()| dev.add_assign(&mut ov, &t))
             }
         }
         .map_err(cu)

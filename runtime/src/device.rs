@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::backend::Backend;
 use crate::cpu::{CpuBackend, KvConfig};
 use crate::error::{Error, Result};
-use crate::graph::{Plan, Weights};
+use crate::graph::{BindOptions, Plan, Weights};
 
 /// What `--device` asks for: `cpu`, `cuda`, `cuda:N` or `auto`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -119,7 +119,11 @@ impl Resolved {
     }
 
     /// A backend for `plan` on this device. The CPU backend runs on `pool`; the
-    /// CUDA backend uploads every weight of the plan now.
+    /// CUDA backend uploads every weight of the plan now. `bind` is how `weights`
+    /// were bound: with `int8_activations` off (exact f32 activations, the
+    /// conformance setting) the GPU also keeps f32 activations in every matmul
+    /// (its f32 GEMV kernels, whatever the row count) instead of the f16
+    /// tensor-core GEMM for prefill.
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub fn backend(
         &self,
@@ -127,16 +131,16 @@ impl Resolved {
         weights: &Weights,
         kv: Option<KvConfig>,
         pool: Arc<rayon::ThreadPool>,
+        bind: BindOptions,
     ) -> Result<Box<dyn Backend>> {
         match self {
             Resolved::Cpu { .. } => Ok(Box::new(CpuBackend::with_pool(plan, kv, pool)?)),
             #[cfg(feature = "cuda")]
-            Resolved::Cuda(d) => Ok(Box::new(crate::cuda::CudaBackend::new(
-                plan,
-                weights,
-                kv,
-                d.clone(),
-            )?)),
+            Resolved::Cuda(d) => {
+                let mut b = crate::cuda::CudaBackend::new(plan, weights, kv, d.clone())?;
+                b.set_f16_gemm(bind.int8_activations);
+                Ok(Box::new(b))
+            }
         }
     }
 

@@ -428,3 +428,123 @@ fn device_choice_parses() {
         assert!(DeviceChoice::Cuda(0).resolve().is_err(), "{why}");
     }
 }
+
+fn text_setup(dir: &std::path::Path) -> (Plan, Weights, KvConfig) {
+    let plan = text_plan();
+    let file = write_model(dir, &plan, text_type);
+    let weights = Weights::bind_with(
+        &plan,
+        file,
+        BindOptions {
+            int8_activations: false,
+        },
+    )
+    .unwrap();
+    let kv = KvConfig {
+        n_blocks: 8,
+        block_size: 4,
+    };
+    (plan, weights, kv)
+}
+
+#[test]
+fn decode_graph_replays_match_plain_launches() {
+    let Some(dev) = device() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, weights, kv) = text_setup(dir.path());
+    let mut graph = CudaBackend::new(&plan, &weights, Some(kv), dev.clone()).unwrap();
+    graph.set_graphs(true);
+    let mut plain = CudaBackend::new(&plan, &weights, Some(kv), dev).unwrap();
+    plain.set_graphs(false);
+    let table = [5u32, 0, 7, 2, 6, 1, 3, 4];
+    // a 5-token prefill, then 24 decode steps: positions 5..29, over six blocks
+    let mut pos = 0;
+    let mut steps = 0;
+    for n in std::iter::once(5usize).chain(std::iter::repeat_n(1, 24)) {
+        let inputs: Vec<Input> = (0..n)
+            .map(|i| Input::Token(((pos + i) * 13 % VOCAB) as u32))
+            .collect();
+        let step = Step {
+            inputs: &inputs,
+            first_pos: pos,
+            block_table: &table,
+            outputs: &[n - 1],
+        };
+        let mut out = [vec![f32::NAN; VOCAB], vec![f32::NAN; VOCAB]];
+        for (b, o) in [&mut graph, &mut plain].into_iter().zip(out.iter_mut()) {
+            b.execute(&plan, &weights, &step, None).unwrap();
+            b.read_output(o).unwrap();
+        }
+        // the same kernels with the same launches: bit for bit
+        assert_eq!(out[0], out[1], "logits at position {pos} (+{n})");
+        assert!(out[0].iter().all(|v| v.is_finite()));
+        steps += (n == 1) as u64;
+        pos += n;
+    }
+    assert_eq!(graph.graph_error(), None, "capture failed");
+    assert_eq!(graph.graph_replays(), steps, "every decode step replayed");
+    assert_eq!(plain.graph_replays(), 0);
+}
+
+#[test]
+fn resident_rows_feed_the_text_plan_on_device() {
+    let Some(dev) = device() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, weights, kv) = text_setup(dir.path());
+    // A plan that returns its input rows: its output stands for image embeddings.
+    let mut b = PlanBuilder::new(4, 1, D);
+    let out = b.buffer("rows", D);
+    b.push(Op::Input { out });
+    let identity = b.finish(out);
+    let id_dir = tempfile::tempdir().unwrap();
+    let id_file = write_model(id_dir.path(), &identity, |_| QuantType::F32);
+    let idw = Weights::bind(&identity, id_file).unwrap();
+    let rows: Vec<Vec<f32>> = (0..3).map(|i| floats(D, 500 + i, 1.0)).collect();
+    let mut src = CudaBackend::new(&identity, &idw, None, dev.clone()).unwrap();
+    let inputs: Vec<Input> = rows.iter().map(|r| Input::Embedding(r)).collect();
+    let step = Step {
+        inputs: &inputs,
+        first_pos: 0,
+        block_table: &[],
+        outputs: &[],
+    };
+    src.execute(&identity, &idw, &step, None).unwrap();
+    let kept = src
+        .keep_output()
+        .unwrap()
+        .expect("the GPU keeps its output");
+    assert_eq!((kept.rows(), kept.width()), (3, D));
+    assert_eq!(kept.to_host().unwrap(), rows.concat());
+    // token, three resident rows, token -- against the same rows from the host
+    let table = [1u32, 4, 2];
+    let mut logits = Vec::new();
+    for resident in [true, false] {
+        let mut text = CudaBackend::new(&plan, &weights, Some(kv), dev.clone()).unwrap();
+        let mut inputs = vec![Input::Token(3)];
+        for (i, r) in rows.iter().enumerate() {
+            inputs.push(if resident {
+                Input::Resident {
+                    rows: kept.as_ref(),
+                    row: i,
+                }
+            } else {
+                Input::Embedding(r)
+            });
+        }
+        inputs.push(Input::Token(7));
+        let step = Step {
+            inputs: &inputs,
+            first_pos: 0,
+            block_table: &table,
+            outputs: &[4],
+        };
+        text.execute(&plan, &weights, &step, None).unwrap();
+        let mut out = vec![f32::NAN; VOCAB];
+        text.read_output(&mut out).unwrap();
+        logits.push(out);
+    }
+    assert_eq!(
+        logits[0], logits[1],
+        "resident rows = the same rows from the host"
+    );
+}

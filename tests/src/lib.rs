@@ -7,11 +7,17 @@ use std::path::{Path, PathBuf};
 use mipha_runtime::Capture;
 
 /// `tests/fixtures/<name>` inside the repository (fixtures are copied in, so the
-/// tests pass on a fresh clone without `../shared`).
+/// tests pass on a fresh clone without `../shared`). A test binary run from
+/// another checkout (prebuilt binaries carried to a GPU machine) finds them under
+/// `$MIPHA_FIXTURES`, else `tests/fixtures` of the working directory.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let root = match std::env::var_os("MIPHA_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None if built.is_dir() => built,
+        None => PathBuf::from("tests/fixtures"),
+    };
+    root.join(name)
 }
 
 /// A tensor of a golden file, as f32 (float tensors) or i64 (id tensors).
@@ -352,8 +358,35 @@ pub fn conformance_engine_int8(mqf: &Path) -> mipha_models::Engine {
     engine_with(mqf, true)
 }
 
+/// [`conformance_engine`] on a GPU (f32 activations throughout: the GEMV
+/// kernels for every matmul), or `None` after printing why it skips: no
+/// device, or a build without the `cuda` feature.
+pub fn conformance_engine_cuda(mqf: &Path) -> Option<mipha_models::Engine> {
+    use mipha_runtime::{DeviceChoice, Resolved};
+    match DeviceChoice::Auto.resolve() {
+        Ok(Resolved::Cpu { reason }) => {
+            eprintln!(
+                "skipping: no CUDA device: {}",
+                reason.unwrap_or_else(|| "cpu".into())
+            );
+            return None;
+        }
+        // (the only other arm in a build with the cuda feature)
+        #[allow(unreachable_patterns)]
+        Ok(_) => {}
+        Err(e) => panic!("CUDA device present but unusable: {e}"),
+    }
+    let mut opts = engine_options(false);
+    opts.device = DeviceChoice::Cuda(0);
+    Some(mipha_models::Engine::load(mqf, opts).expect("load engine on cuda:0"))
+}
+
 fn engine_with(mqf: &Path, int8_activations: bool) -> mipha_models::Engine {
-    let opts = mipha_models::EngineOptions {
+    mipha_models::Engine::load(mqf, engine_options(int8_activations)).expect("load engine")
+}
+
+fn engine_options(int8_activations: bool) -> mipha_models::EngineOptions {
+    mipha_models::EngineOptions {
         threads: 2,
         max_batch_tokens: 16,
         max_outputs: 16,
@@ -362,8 +395,7 @@ fn engine_with(mqf: &Path, int8_activations: bool) -> mipha_models::Engine {
         verify: true,
         int8_activations,
         ..Default::default()
-    };
-    mipha_models::Engine::load(mqf, opts).expect("load engine")
+    }
 }
 
 /// Greedy generation through the public `generate` path.

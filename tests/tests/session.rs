@@ -85,7 +85,13 @@ fn a_second_turn_reuses_the_cache_and_equals_a_fresh_session() {
     let (embeds, cached) = e.encode_image_cached(pixels, 7).unwrap();
     assert!(cached, "the engine's LRU holds the image");
     fresh
-        .restore(turns, vec![mipha_models::ImageEmbeds { key: 7, embeds }])
+        .restore(
+            turns,
+            vec![mipha_models::ImageEmbeds {
+                key: 7,
+                embeds: embeds.into(),
+            }],
+        )
         .unwrap();
     let again = fresh
         .ask("And the colours?", &greedy(1), None, |_, _| true)
