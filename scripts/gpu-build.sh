@@ -7,9 +7,10 @@
 # ["gpu-bin"]) and run `bash scripts/gpu-check.sh` there. See docs/cuda.md.
 #
 # Environment: GPU_BIN (output folder, default gpu-bin), GPU_PACKAGES (cargo package
-# selection, default "-p mipha-kernels -p mipha-runtime", the crates with CUDA
-# tests; "--workspace" for everything), GPU_TESTS (regex of test targets to copy,
-# default ^cuda), NICE (default 19: other work shares this machine).
+# selection, default "-p mipha-kernels -p mipha-runtime -p mipha-tests", the crates
+# with CUDA tests -- kernels, backend, the golden pipeline; "--workspace" for
+# everything), GPU_TESTS (regex of test targets to copy, default ^cuda), NICE
+# (default 19: other work shares this machine), CARGO_TARGET_DIR (honoured).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +18,8 @@ BIN=${GPU_BIN:-gpu-bin}
 PATTERN=${GPU_TESTS:-^cuda}
 FEATURES=mipha-runtime/cuda,mipha-kernels/cuda
 NICE=${NICE:-19}
-PACKAGES=${GPU_PACKAGES:--p mipha-kernels -p mipha-runtime}
+PACKAGES=${GPU_PACKAGES:--p mipha-kernels -p mipha-runtime -p mipha-tests}
+TARGET=${CARGO_TARGET_DIR:-target}
 
 rm -rf "$BIN"
 mkdir -p "$BIN/tests"
@@ -55,7 +57,7 @@ rm -f "$BIN/build.json"
 echo "== mipha-bench"
 if nice -n "$NICE" cargo build --release --locked -p mipha-bench --features "$FEATURES" \
     >"$BIN/bench-build.log" 2>&1; then
-    cp target/release/mipha-bench "$BIN/"
+    cp "$TARGET/release/mipha-bench" "$BIN/"
 else
     echo "   mipha-bench did not build with $FEATURES (see $BIN/bench-build.log); the check will skip it"
 fi

@@ -103,8 +103,8 @@ bench_status="not built"
 if [ -x "$BIN/mipha-bench" ]; then
     if "$BIN/mipha-bench" --help 2>&1 | grep -q -- '--device'; then
         # shellcheck disable=SC2086
-        if timeout "${BENCH_TIMEOUT:-240}" "$BIN/mipha-bench" --device cuda ${BENCH_ARGS:---quick} \
-            >"$LOGS/mipha-bench.log" 2>&1; then
+        if timeout "${BENCH_TIMEOUT:-300}" "$BIN/mipha-bench" --device cuda ${BENCH_ARGS:---quick} \
+            --json-out "$LOGS/mipha-bench.jsonl" >"$LOGS/mipha-bench.log" 2>&1; then
             bench_status="ok (see mipha-bench.log)"
         else
             bench_status="FAIL (rc $?, see mipha-bench.log)"
@@ -134,5 +134,29 @@ if [ ${#bench_lines[@]} -gt 0 ]; then
         shift 3
         echo "| $name | $val | $* |"
     done
+fi
+# The bench's figures (JSON lines, written as they were measured, so a run cut
+# short still shows what it got).
+if [ -s "$LOGS/mipha-bench.jsonl" ]; then
+    echo
+    echo "| bench figure | quant | tokens | median (min-max) | unit | of bound |"
+    echo "| --- | --- | --- | --- | --- | --- |"
+    if command -v python3 >/dev/null 2>&1; then
+        python3 - "$LOGS/mipha-bench.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    try:
+        f = json.loads(line)
+    except ValueError:
+        continue
+    num = lambda v: "" if v is None else (f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}")
+    frac = f.get("bound_fraction")
+    print(f"| {f['figure']} | {f.get('quant') or ''} | {f.get('tokens') or ''} | "
+          f"{num(f.get('median'))} ({num(f.get('min'))}-{num(f.get('max'))}) | {f.get('unit')} | "
+          f"{'' if frac is None else f'{100 * frac:.0f}%'} |")
+PY
+    else
+        sed 's/^/    /' "$LOGS/mipha-bench.jsonl"
+    fi
 fi
 exit $failed

@@ -24,6 +24,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
 use clap::Parser;
+use mipha_runtime::DeviceChoice;
 use mipha_runtime::{MqfFile, QuantType};
 
 use cost::{ModelCost, Peaks};
@@ -115,9 +116,18 @@ struct Args {
     /// Also write the JSON lines to this file (with the table on stdout).
     #[arg(long)]
     json_out: Option<PathBuf>,
+    /// Where the model runs: cpu, cuda, cuda:N or auto. On a GPU the bounds are
+    /// the device's own: device-to-device copy bandwidth for decode, the cuBLAS
+    /// f16 GEMM rate for prefill and vision (the CPU probes are skipped).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: DeviceChoice,
     /// Internal: measure --model at one thread count, print raw samples.
     #[arg(long, hide = true)]
     worker: bool,
+}
+
+fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    s.parse()
 }
 
 /// What the run measures, after `--quick` filled in what was not given.
@@ -165,6 +175,7 @@ fn settings(a: &Args) -> Settings {
             image: (!a.no_image).then(|| a.image.clone()),
             ttft: !a.no_ttft && !q,
             question: a.question.clone(),
+            device: a.device,
         },
         probe_bytes: a.probe_mib.max(1) << 20,
         probe_time: Duration::from_secs_f64(
@@ -346,27 +357,9 @@ impl Sink {
     }
 }
 
-fn run(args: &Args) -> BoxResult<()> {
-    let s = settings(args);
-    let file = match &args.json_out {
-        Some(p) => Some(std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?),
-        None => None,
-    };
-    let mut sink = Sink {
-        stdout: args.json,
-        file,
-        figures: Vec::new(),
-    };
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let level = mipha_kernels::cpu::dispatch::level().name();
-    let mut header = vec![format!(
-        "machine: {}, {cores} cores, kernels dispatched to {level}; load average at the start: {}",
-        cpu_model(),
-        load_average()
-    )];
-    eprintln!("{}", header[0]);
-
-    // Machine probes.
+/// The CPU's bounds at each thread count: memory read bandwidth, f32 FMA and
+/// int8 dot peaks (figures to `sink`, a header line per thread count).
+fn cpu_bounds(s: &Settings, header: &mut Vec<String>, sink: &mut Sink) -> BoxResult<Vec<Bounds>> {
     let max_threads = s.threads.iter().copied().max().unwrap_or(1);
     eprintln!(
         "probing memory bandwidth ({} MiB) and peak rates ...",
@@ -426,6 +419,46 @@ fn run(args: &Args) -> BoxResult<()> {
                 note: Some(note),
             })?;
         }
+    }
+
+    Ok(bounds)
+}
+
+fn run(args: &Args) -> BoxResult<()> {
+    let s = settings(args);
+    let file = match &args.json_out {
+        Some(p) => Some(std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?),
+        None => None,
+    };
+    let mut sink = Sink {
+        stdout: args.json,
+        file,
+        figures: Vec::new(),
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let level = mipha_kernels::cpu::dispatch::level().name();
+    let mut header = vec![format!(
+        "machine: {}, {cores} cores, kernels dispatched to {level}; load average at the start: {}",
+        cpu_model(),
+        load_average()
+    )];
+    eprintln!("{}", header[0]);
+
+    let gpu = s.spec.device.resolve()?;
+    let mut bounds = Vec::new();
+    if gpu.is_cuda() {
+        header.push(format!("device: {}", gpu.describe()));
+        eprintln!(
+            "{}; probing its copy bandwidth and f16 GEMM rate ...",
+            header[1]
+        );
+        let b = gpu_bounds(&gpu, &s, &mut header, &mut sink)?;
+        bounds = vec![b; s.threads.len()];
+    }
+    // the workers open their own context
+    drop(gpu);
+    if bounds.is_empty() {
+        bounds = cpu_bounds(&s, &mut header, &mut sink)?;
     }
     for h in &header[1..] {
         eprintln!("{h}");
@@ -528,7 +561,8 @@ fn spawn_worker(
         .args(["--prompt", &list(&spec.prompts)])
         .args(["--decode-ctx", &list(&spec.decode_ctx)])
         .args(["--gen", &spec.gen.to_string()])
-        .args(["--question", &spec.question]);
+        .args(["--question", &spec.question])
+        .args(["--device", &device_arg(spec.device)]);
     match &spec.image {
         Some(img) => cmd.arg("--image").arg(img),
         None => cmd.arg("--no-image"),
@@ -559,6 +593,74 @@ fn spawn_worker(
         Err(format!("the measuring process exited with {status}"))
     };
     Ok(ok)
+}
+
+fn device_arg(d: DeviceChoice) -> String {
+    match d {
+        DeviceChoice::Cpu => "cpu".into(),
+        DeviceChoice::Cuda(n) => format!("cuda:{n}"),
+        DeviceChoice::Auto => "auto".into(),
+    }
+}
+
+/// The GPU's own bounds, measured on it: device-to-device copy bandwidth (read +
+/// write bytes) and the cuBLAS f16 GEMM rate at 8192³, the best of `reps`
+/// samples each; the figures go to `sink`. The same bounds serve every thread
+/// count (threads only size the CPU pool then).
+fn gpu_bounds(
+    gpu: &mipha_runtime::Resolved,
+    s: &Settings,
+    header: &mut Vec<String>,
+    sink: &mut Sink,
+) -> BoxResult<Bounds> {
+    let reps = s.spec.reps.max(3);
+    let mut copy = Vec::new();
+    let mut gemm = Vec::new();
+    for _ in 0..reps {
+        copy.push(gpu.copy_gb_s(s.probe_bytes, 20)?.ok_or("not a GPU")?);
+        gemm.push(gpu.gemm_tflop_s(8192, 10)?.ok_or("not a GPU")?);
+    }
+    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    header.push(format!(
+        "  device: copy {:.0} GB/s (device to device, read + write), f16 GEMM {:.1} TFLOP/s (cuBLAS, 8192³)",
+        best(&copy),
+        best(&gemm)
+    ));
+    for (name, unit, samples, note) in [
+        (
+            "hbm_copy_gb_s",
+            "GB/s",
+            copy.clone(),
+            format!("{} MiB device-to-device copies", s.probe_bytes >> 20),
+        ),
+        (
+            "f16_gemm_tflop_s",
+            "TFLOP/s",
+            gemm.clone(),
+            "cuBLAS GemmEx f16 in, f32 accumulate, 8192³".to_string(),
+        ),
+    ] {
+        sink.push(Figure {
+            name,
+            quant: None,
+            vision_quant: None,
+            threads: 0,
+            tokens: None,
+            unit,
+            samples,
+            bound: None,
+            note: Some(note),
+        })?;
+    }
+    // Every matmul of prefill and vision runs through the f16 GEMM on the GPU.
+    let rate = best(&gemm) * 1e12;
+    Ok(Bounds {
+        bandwidth: best(&copy) * 1e9,
+        peaks: Peaks {
+            f32_flops: rate,
+            int8_ops: rate,
+        },
+    })
 }
 
 /// The bound of a figure in its own unit, where it has one.

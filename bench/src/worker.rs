@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use mipha_models::image::load_image;
 use mipha_models::siglip::TAP_HIDDEN;
 use mipha_models::{
-    Engine, EngineOptions, GenerateOptions, Logits, PromptId, Sampler, SamplingParams, StopReason,
-    Turn,
+    DeviceChoice, Engine, EngineOptions, GenerateOptions, Logits, PromptId, Sampler,
+    SamplingParams, StopReason, Turn,
 };
 use mipha_runtime::{Capture, Input};
 
@@ -30,6 +30,8 @@ pub struct Spec {
     /// also prefill the image prompt and time the first token (`ttft_image_ms`)
     pub ttft: bool,
     pub question: String,
+    /// where the engine runs (`--device`)
+    pub device: DeviceChoice,
 }
 
 /// One figure's samples, as the worker reports them.
@@ -112,6 +114,7 @@ pub fn run(model: &Path, threads: usize, spec: &Spec, label: &str) -> BoxResult<
     let reps = spec.reps.max(1);
     let opts = EngineOptions {
         threads,
+        device: spec.device,
         ..EngineOptions::default()
     };
     let mut load = Vec::new();

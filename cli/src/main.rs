@@ -11,8 +11,8 @@ mod hub;
 use std::sync::Arc;
 
 use mipha_models::{
-    Engine, EngineOptions, GenerateOptions, Logits, PromptId, SamplingParams, Segment, Session,
-    StopReason, Turn, TurnStats,
+    DeviceChoice, Engine, EngineOptions, GenerateOptions, Logits, PromptId, SamplingParams,
+    Segment, Session, StopReason, Turn, TurnStats,
 };
 use mipha_runtime::Input;
 
@@ -49,6 +49,14 @@ struct ModelArgs {
     /// CPU threads (default: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Where the model runs: cpu, cuda, cuda:N, or auto (the GPU when one is
+    /// usable, else the CPU). CUDA needs a build with `--features cuda`.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    device: DeviceChoice,
+}
+
+fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    s.parse()
 }
 
 #[derive(Args)]
@@ -179,6 +187,7 @@ type CliResult = Result<(), Box<dyn std::error::Error>>;
 fn load(m: &ModelArgs, max_outputs: usize, max_batch_tokens: usize) -> Result<Engine, String> {
     let opts = EngineOptions {
         threads: m.threads,
+        device: m.device,
         max_outputs,
         max_batch_tokens,
         ..EngineOptions::default()

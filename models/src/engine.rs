@@ -259,8 +259,14 @@ impl Engine {
     pub fn load_time(&self) -> Duration {
         self.load_time
     }
+    /// The text backend's own description, e.g. `cpu (avx2, 8 threads)`, plus
+    /// why `auto` fell back to the CPU when it did.
     pub fn backend_name(&self) -> String {
-        self.lock().backend.name()
+        let name = self.lock().backend.name();
+        match self.device.strip_prefix("cpu (") {
+            Some(why) => format!("{name} ({}", why),
+            None => name,
+        }
     }
     /// The device the plans run on, as `--device` resolved: `cpu`,
     /// `cpu (auto: <why no GPU>)` or the GPU, e.g. `cuda:0 (NVIDIA H100 ..., sm_90, ...)`.
