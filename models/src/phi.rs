@@ -137,11 +137,15 @@ impl PhiAttention {
         }
     }
 
-    /// `h += dense(attention(x))`
-    fn forward(&self, g: &mut PlanBuilder, s: &Scratch, x: BufId, h: BufId) {
+    /// `q, k, v = x W_q, x W_k, x W_v` (with biases)
+    fn project(&self, g: &mut PlanBuilder, s: &Scratch, x: BufId) {
         self.q_proj.forward(g, x, s.q);
         self.k_proj.forward(g, x, s.k);
         self.v_proj.forward(g, x, s.v);
+    }
+
+    /// `h += dense(attention(rope(q), rope(k), v))`
+    fn attend(&self, g: &mut PlanBuilder, s: &Scratch, h: BufId) {
         for (buf, heads) in [(s.q, self.n_heads), (s.k, self.n_kv_heads)] {
             g.push(Op::Rope {
                 x: buf,
@@ -192,9 +196,13 @@ impl PhiMlp {
         }
     }
 
-    /// `h += fc2(gelu(fc1(x)))`
-    fn forward(&self, g: &mut PlanBuilder, s: &Scratch, x: BufId, h: BufId) {
+    /// `hidden = gelu(fc1(x))`
+    fn up(&self, g: &mut PlanBuilder, s: &Scratch, x: BufId) {
         self.fc1.forward_gelu(g, x, s.mlp_hidden, GeluKind::Tanh);
+    }
+
+    /// `h += fc2(hidden)`
+    fn down(&self, g: &mut PlanBuilder, s: &Scratch, h: BufId) {
         self.fc2.forward_residual(g, s.mlp_hidden, h);
     }
 }
@@ -222,11 +230,15 @@ impl PhiDecoderLayer {
         }
     }
 
-    /// Both branches read `LN(h)`, so each adds into `h` as it finishes.
+    /// Both branches read `LN(h)`, so each adds into `h` as it finishes. The
+    /// four matmuls that read `LN(h)` run back to back, so the CPU backend
+    /// quantizes it to int8 once (fused into the LayerNorm) for all of them.
     fn forward(&self, g: &mut PlanBuilder, s: &Scratch, h: BufId) {
         self.input_layernorm.forward(g, h, s.ln);
-        self.self_attn.forward(g, s, s.ln, h);
-        self.mlp.forward(g, s, s.ln, h);
+        self.self_attn.project(g, s, s.ln);
+        self.mlp.up(g, s, s.ln);
+        self.self_attn.attend(g, s, h);
+        self.mlp.down(g, s, h);
     }
 }
 

@@ -30,6 +30,10 @@ pub struct CpuBackend {
     kv: Option<KvStorage>,
     /// output buffer and length of the last step
     last_output: Option<(BufId, usize)>,
+    /// int8 activations shared by consecutive Q8_0/Q4_0 matmuls of one input
+    acts: k::QuantizedActs,
+    /// the buffer `acts` holds, while nothing has written it since
+    acts_of: Option<BufId>,
 }
 
 /// Size of the KV pool a backend allocates.
@@ -127,6 +131,8 @@ impl CpuBackend {
             positions: Vec::with_capacity(plan.max_tokens),
             kv,
             last_output: None,
+            acts: k::QuantizedActs::default(),
+            acts_of: None,
         })
     }
 
@@ -142,6 +148,12 @@ impl CpuBackend {
         }
     }
 
+    /// Whether `op` is a matmul over all rows of `x` with int8 activations.
+    fn int8_matmul_of(op: Option<&Op>, weights: &Weights, x: BufId) -> bool {
+        matches!(op, Some(Op::MatMul { x: mx, w, rows: Rows::All, .. })
+            if *mx == x && weights.packed(*w).is_some_and(|p| p.ty().is_block_quantized()))
+    }
+
     fn run_ops(
         &mut self,
         plan: &Plan,
@@ -153,7 +165,14 @@ impl CpuBackend {
         let n_out = step.outputs.len();
         self.positions.clear();
         self.positions.extend(step.first_pos..step.first_pos + n);
-        for op in &plan.ops {
+        self.acts_of = None;
+        for (i, op) in plan.ops.iter().enumerate() {
+            // Shared int8 activations stay valid across matmuls (which never
+            // write their input); any other op may change the buffer.
+            match op {
+                Op::MatMul { out, .. } if Some(*out) != self.acts_of => {}
+                _ => self.acts_of = None,
+            }
             match op {
                 Op::Embed { table, out } => {
                     let table = weights.get(*table);
@@ -262,14 +281,19 @@ impl CpuBackend {
                     let width = plan.buffer(*x).width;
                     let rows = self.rows(*x, n, n_out);
                     let mut o = std::mem::take(&mut self.buffers[out.0]);
-                    k::layer_norm(
+                    let (x, w, b) = (
                         &self.buffers[x.0][..rows * width],
-                        width,
                         weights.get(*weight).f32s(),
                         weights.get(*bias).f32s(),
-                        *eps,
-                        &mut o[..rows * width],
                     );
+                    let o_rows = &mut o[..rows * width];
+                    // LayerNorm into the quantization of the int8 matmuls that read it.
+                    if Self::int8_matmul_of(plan.ops.get(i + 1), weights, *out) {
+                        k::layer_norm_quantize(x, width, w, b, *eps, o_rows, &mut self.acts);
+                        self.acts_of = Some(*out);
+                    } else {
+                        k::layer_norm(x, width, w, b, *eps, o_rows);
+                    }
                     self.buffers[out.0] = o;
                 }
                 Op::MatMul {
@@ -310,6 +334,21 @@ impl CpuBackend {
                     let mut o = std::mem::take(&mut self.buffers[out.0]);
                     let xb = &self.buffers[x.0];
                     match rows {
+                        Rows::All if Self::int8_matmul_of(Some(op), weights, *x) => {
+                            let m = self.rows(*x, n, n_out);
+                            if self.acts_of != Some(*x) || self.acts.shape() != (m, kdim) {
+                                k::quantize_acts(&xb[..m * kdim], m, kdim, &mut self.acts);
+                                self.acts_of = Some(*x);
+                            }
+                            let p = packed.expect("int8 matmuls are packed");
+                            k::matmul_quantized(
+                                &mut self.acts,
+                                p,
+                                bias,
+                                epilogue,
+                                &mut o[..m * w.rows],
+                            );
+                        }
                         Rows::All => {
                             let m = self.rows(*x, n, n_out);
                             matmul(&xb[..m * kdim], m, &mut o[..m * w.rows]);

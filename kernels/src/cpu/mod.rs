@@ -23,7 +23,7 @@ use wide::f32x8;
 use crate::reference;
 pub use crate::{Epilogue, KvView, WeightView};
 use math::{load, map_in_place, store};
-pub use qgemm::{PackedMatrix, PANEL};
+pub use qgemm::{PackedMatrix, QuantizedActs, PANEL};
 
 /// Elements below which an elementwise op stays on the calling thread.
 const PAR_MIN: usize = 1 << 15;
@@ -71,6 +71,69 @@ pub fn matmul_packed_with(
     out: &mut [f32],
 ) {
     qgemm::matmul_packed(dispatch::level(), x, m, w, bias, epilogue, out)
+}
+
+/// Quantizes `x` (`m x k`) once for any number of [`matmul_quantized`] calls
+/// on the dispatched path (or on `level`, lowered to what the CPU supports):
+/// the int8 matmuls of Q8_0/Q4_0 weights that read the same activations (Phi-2's
+/// q, k, v and fc1) then share one quantization.
+pub fn quantize_acts(x: &[f32], m: usize, k: usize, acts: &mut QuantizedActs) {
+    qgemm::quantize_acts(dispatch::level(), x, m, k, acts)
+}
+
+/// [`quantize_acts`] on a chosen path.
+pub fn quantize_acts_at(
+    level: dispatch::Level,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    acts: &mut QuantizedActs,
+) {
+    qgemm::quantize_acts(level, x, m, k, acts)
+}
+
+/// [`layer_norm`] fused with [`quantize_acts`] of its output: each group of
+/// rows is quantized while it is still in cache (`out` is written too).
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_quantize_at(
+    level: dispatch::Level,
+    x: &[f32],
+    cols: usize,
+    weight: &[f32],
+    bias: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    acts: &mut QuantizedActs,
+) {
+    reference::check_layer_norm(x, cols, weight, bias, out);
+    let norm = |x: &[f32], o: &mut [f32]| layer_norm_rows(x, cols, weight, bias, eps, o);
+    qgemm::layer_norm_quantize(level, x, cols, &norm, out, acts)
+}
+
+/// [`layer_norm_quantize_at`] on the dispatched path.
+pub fn layer_norm_quantize(
+    x: &[f32],
+    cols: usize,
+    weight: &[f32],
+    bias: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    acts: &mut QuantizedActs,
+) {
+    layer_norm_quantize_at(dispatch::level(), x, cols, weight, bias, eps, out, acts)
+}
+
+/// [`matmul_packed_with`] for a Q8_0/Q4_0 matrix from activations quantized
+/// beforehand, on the path they were quantized for. Panics for F16/BF16
+/// matrices (they take f32 activations).
+pub fn matmul_quantized(
+    acts: &mut QuantizedActs,
+    w: &PackedMatrix,
+    bias: Option<&[f32]>,
+    epilogue: Epilogue,
+    out: &mut [f32],
+) {
+    qgemm::matmul_quantized(acts, w, bias, epilogue, out)
 }
 
 /// [`crate::quant::quantize_act_block`] as the int8 matmuls of `level` run it

@@ -104,13 +104,17 @@ impl PackedMatrix {
                             let s = &row[b * src_block..(b + 1) * src_block];
                             let d = &mut dst[b * block_bytes..(b + 1) * block_bytes];
                             d[2 * r..2 * r + 2].copy_from_slice(&s[..2]);
+                            // Q8_0 is stored unsigned (w + 128), see `QuantizedActs`.
+                            let flip = if w.ty == QuantType::Q8_0 {
+                                0x8080_8080
+                            } else {
+                                0
+                            };
                             for c in 0..qb / 4 {
                                 let o = 32 + 64 * c + 4 * r;
-                                d[o..o + 4].copy_from_slice(&s[2 + 4 * c..6 + 4 * c]);
-                                if w.ty == QuantType::Q8_0 {
-                                    // stored unsigned (w + 128), see `Acts`
-                                    d[o..o + 4].iter_mut().for_each(|v| *v ^= 0x80);
-                                }
+                                let q =
+                                    u32::from_le_bytes(s[2 + 4 * c..6 + 4 * c].try_into().unwrap());
+                                d[o..o + 4].copy_from_slice(&(q ^ flip).to_le_bytes());
                             }
                         }
                     }
@@ -165,60 +169,140 @@ impl PackedMatrix {
 /// cancels the bias of unsigned weights: 8 for Q4_0's nibbles, 128 for Q8_0
 /// stored as `w + 128`). A tile thus needs one pointer per operand, and every
 /// row's data is a constant displacement from it.
+///
+/// Built by [`quantize_acts`] or [`super::layer_norm_quantize`], then read by
+/// any number of [`matmul_quantized`] calls (Phi-2's q, k, v and fc1 share one).
 #[derive(Default)]
-struct Acts {
+pub struct QuantizedActs {
+    level: Option<Level>,
+    m: usize,
+    k: usize,
     g: usize,
     nb: usize,
     qs: Vec<i8>,
     d: Vec<f32>,
+    sum: Vec<i32>,
     init: Vec<i32>,
+    /// the bias `init` was computed for (`None`: not yet)
+    init_bias: Option<i32>,
 }
 
-impl Acts {
-    fn quantize(&mut self, level: Level, x: &[f32], m: usize, k: usize, g: usize, bias: i32) {
+impl std::fmt::Debug for QuantizedActs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QuantizedActs({} x {})", self.m, self.k)
+    }
+}
+
+impl QuantizedActs {
+    /// Rows and columns of the activations these were quantized from.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.m, self.k)
+    }
+
+    /// Sizes the buffers for `m x k` activations on `level` (supported by this
+    /// CPU).
+    fn reset(&mut self, level: Level, m: usize, k: usize) {
+        let g = int8_shape(level).0.min(m).max(1);
         let nb = k.div_ceil(QK);
-        let groups = m.div_ceil(g);
-        self.g = g;
-        self.nb = nb;
+        let blocks = m.div_ceil(g) * nb * g;
+        self.level = Some(level);
+        (self.m, self.k, self.g, self.nb) = (m, k, g, nb);
+        self.init_bias = None;
         // Padding rows of the last group stay zero: tiles never read them.
         self.qs.clear();
-        self.qs.resize(groups * nb * g * QK, 0);
+        self.qs.resize(blocks * QK, 0);
         self.d.clear();
-        self.d.resize(groups * nb * g, 0.0);
-        self.init.clear();
-        self.init.resize(groups * nb * g, 0);
-        let block = block_quantizer(level);
-        let group = |(((xg, qs), d), init): GroupParts| {
-            for (i, xr) in xg.chunks(k).enumerate() {
-                for b in 0..nb {
-                    let o = b * g + i;
-                    let q: &mut [i8; QK] = (&mut qs[o * QK..(o + 1) * QK]).try_into().unwrap();
-                    let (scale, sum) = if (b + 1) * QK <= k {
-                        block(xr[b * QK..(b + 1) * QK].try_into().unwrap(), q)
-                    } else {
-                        let mut xs = [0.0f32; QK];
-                        xs[..k - b * QK].copy_from_slice(&xr[b * QK..]);
-                        block(&xs, q)
-                    };
-                    d[o] = scale;
-                    init[o] = -bias * sum;
-                }
-            }
+        self.d.resize(blocks, 0.0);
+        self.sum.clear();
+        self.sum.resize(blocks, 0);
+    }
+
+    /// Quantizes `x`'s rows group by group, in parallel when there are several
+    /// (decode's single row stays on the calling thread). With `norm`, each
+    /// group's rows are first normalized into `out` and quantized from there
+    /// while they are in cache.
+    fn fill(&mut self, x: &[f32], norm: Option<(&Norm, &mut [f32])>) {
+        let (m, g, k, nb) = (self.m, self.g, self.k, self.nb);
+        let block = block_quantizer(self.level.unwrap_or(Level::Portable));
+        let min_len = if m >= 4 { 1 } else { usize::MAX };
+        let (norm, out) = match norm {
+            Some((f, out)) => (Some(f), OutPtr(out.as_mut_ptr())),
+            None => (None, OutPtr(std::ptr::null_mut())),
         };
-        if m >= 4 {
-            x.par_chunks(g * k)
-                .zip(self.qs.par_chunks_mut(nb * g * QK))
-                .zip(self.d.par_chunks_mut(nb * g))
-                .zip(self.init.par_chunks_mut(nb * g))
-                .for_each(group);
-        } else {
-            x.chunks(g * k)
-                .zip(self.qs.chunks_mut(nb * g * QK))
-                .zip(self.d.chunks_mut(nb * g))
-                .zip(self.init.chunks_mut(nb * g))
-                .for_each(group);
+        self.qs
+            .par_chunks_mut(nb * g * QK)
+            .zip(self.d.par_chunks_mut(nb * g))
+            .zip(self.sum.par_chunks_mut(nb * g))
+            .enumerate()
+            .with_min_len(min_len)
+            .for_each(|(gi, ((qs, d), sum))| {
+                let (r0, r1) = (gi * g, ((gi + 1) * g).min(m));
+                let src = &x[r0 * k..r1 * k];
+                let rows: &[f32] = match norm {
+                    Some(f) => {
+                        let _ = &out;
+                        // SAFETY: groups write disjoint rows of `out`, which has
+                        // x.len() elements (checked by the caller).
+                        let o =
+                            unsafe { std::slice::from_raw_parts_mut(out.0.add(r0 * k), src.len()) };
+                        f(src, o);
+                        o
+                    }
+                    None => src,
+                };
+                for (i, xr) in rows.chunks(k.max(1)).enumerate() {
+                    for b in 0..nb {
+                        let o = b * g + i;
+                        let q: &mut [i8; QK] = (&mut qs[o * QK..(o + 1) * QK]).try_into().unwrap();
+                        (d[o], sum[o]) = if (b + 1) * QK <= k {
+                            block(xr[b * QK..(b + 1) * QK].try_into().unwrap(), q)
+                        } else {
+                            let mut xs = [0.0f32; QK];
+                            xs[..k - b * QK].copy_from_slice(&xr[b * QK..]);
+                            block(&xs, q)
+                        };
+                    }
+                }
+            });
+    }
+
+    /// Makes `init` hold `-bias * sum`.
+    fn set_bias(&mut self, bias: i32) {
+        if self.init_bias != Some(bias) {
+            self.init.clear();
+            self.init.extend(self.sum.iter().map(|s| -bias * s));
+            self.init_bias = Some(bias);
         }
     }
+}
+
+/// A row-wise normalization (`x` rows to `out` rows) run before quantizing.
+pub(crate) type Norm<'a> = dyn Fn(&[f32], &mut [f32]) + Sync + 'a;
+
+/// Quantizes `x` (`m x k`) for [`matmul_quantized`] on `level`.
+pub(crate) fn quantize_acts(level: Level, x: &[f32], m: usize, k: usize, acts: &mut QuantizedActs) {
+    assert_eq!(x.len(), m * k, "quantize: x is not m x k");
+    acts.reset(supported(level), m, k);
+    acts.fill(x, None);
+}
+
+/// `out = norm(x)` row by row (`k` wide), each group of rows quantized into
+/// `acts` for [`matmul_quantized`] as soon as it is written.
+pub(crate) fn layer_norm_quantize(
+    level: Level,
+    x: &[f32],
+    k: usize,
+    norm: &Norm,
+    out: &mut [f32],
+    acts: &mut QuantizedActs,
+) {
+    assert_eq!(x.len(), out.len(), "layer_norm: x and out differ in length");
+    assert!(
+        k > 0 && x.len() % k == 0,
+        "layer_norm: rows are not {k} wide"
+    );
+    acts.reset(supported(level), x.len() / k, k);
+    acts.fill(x, Some((norm, out)));
 }
 
 /// [`quantize_act_block`], or a vector version of it with the same results
@@ -235,13 +319,18 @@ pub(super) fn block_quantizer(level: Level) -> fn(&[f32; QK], &mut [i8; QK]) -> 
     quantize_act_block
 }
 
-/// One group of activation rows and its quantized outputs.
-type GroupParts<'a> = (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [i32]);
+fn supported(level: Level) -> Level {
+    if level.is_supported() {
+        level
+    } else {
+        super::dispatch::best_up_to(level)
+    }
+}
 
 thread_local! {
     /// Quantized activations, kept between calls so steady-state matmuls do not
     /// allocate. Taken out while in use (a nested call gets a fresh one).
-    static ACTS: Cell<Acts> = Cell::new(Acts::default());
+    static ACTS: Cell<QuantizedActs> = Cell::new(QuantizedActs::default());
 }
 
 /// Writes 16 columns at a time into `out` rows of `n` from several threads;
@@ -264,30 +353,10 @@ pub(crate) fn matmul_packed(
     out: &mut [f32],
 ) {
     assert_eq!(x.len(), m * w.cols, "matmul: x is not m x k");
-    assert_eq!(out.len(), m * w.rows, "matmul: out is not m x n");
-    if let Some(b) = bias {
-        assert_eq!(b.len(), w.rows, "matmul: bias length != n");
-    }
-    if m == 0 || w.rows == 0 {
+    if trivial(m, w, bias, epilogue, out) {
         return;
     }
-    if w.cols == 0 {
-        let zeros = [0.0f32; PANEL];
-        for row in out.chunks_exact_mut(w.rows) {
-            for c0 in (0..w.rows).step_by(PANEL) {
-                let cols = PANEL.min(w.rows - c0);
-                // SAFETY: c0 + cols <= row.len().
-                unsafe { write_tile(&zeros[..cols], row.as_mut_ptr().add(c0), c0, bias, epilogue) };
-            }
-        }
-        return;
-    }
-    let level = if level.is_supported() {
-        level
-    } else {
-        super::dispatch::best_up_to(level)
-    };
-    let tasks = rayon::current_num_threads().min(w.panels).max(1);
+    let level = supported(level);
     if matches!(w.ty, QuantType::F16 | QuantType::BF16) {
         let job = super::fgemm::FJob {
             w,
@@ -298,28 +367,94 @@ pub(crate) fn matmul_packed(
             out: OutPtr(out.as_mut_ptr()),
         };
         // SAFETY: level is supported by this CPU; panel ranges are disjoint.
-        over_panels(w.panels, tasks, |p0, p1| unsafe { job.run(level, p0, p1) });
+        over_panels(w.panels, tasks(w), |p0, p1| unsafe {
+            job.run(level, p0, p1)
+        });
         return;
     }
     let mut acts = ACTS.take();
-    let (mr, q8_unsigned) = int8_shape(level);
-    let q_bias = match w.ty {
+    quantize_acts(level, x, m, w.cols, &mut acts);
+    matmul_quantized(&mut acts, w, bias, epilogue, out);
+    ACTS.set(acts);
+}
+
+/// `out = epilogue(acts . W^T + bias)` for a Q8_0 or Q4_0 matrix, on the level
+/// `acts` were quantized for.
+pub(crate) fn matmul_quantized(
+    acts: &mut QuantizedActs,
+    w: &PackedMatrix,
+    bias: Option<&[f32]>,
+    epilogue: Epilogue,
+    out: &mut [f32],
+) {
+    let m = acts.m;
+    assert!(
+        matches!(w.ty, QuantType::Q8_0 | QuantType::Q4_0),
+        "matmul: {} weights take f32 activations",
+        w.ty
+    );
+    assert_eq!(
+        acts.k, w.cols,
+        "matmul: activations are {} wide, weights {}",
+        acts.k, w.cols
+    );
+    if trivial(m, w, bias, epilogue, out) {
+        return;
+    }
+    let level = acts.level.expect("activations were quantized");
+    acts.set_bias(match w.ty {
         QuantType::Q4_0 => 8,
-        _ if q8_unsigned => 128,
+        _ if int8_shape(level).1 => 128,
         _ => 0,
-    };
-    acts.quantize(level, x, m, w.cols, mr.min(m), q_bias);
+    });
     let job = Job {
         w,
-        acts: &acts,
+        acts,
         m,
         bias,
         epilogue,
         out: OutPtr(out.as_mut_ptr()),
     };
-    // SAFETY: level is supported by this CPU; panel ranges are disjoint.
-    over_panels(w.panels, tasks, |p0, p1| unsafe { job.run(level, p0, p1) });
-    ACTS.set(acts);
+    // SAFETY: level is supported by this CPU (`reset` took a supported one);
+    // panel ranges are disjoint.
+    over_panels(w.panels, tasks(w), |p0, p1| unsafe {
+        job.run(level, p0, p1)
+    });
+}
+
+/// One task per pool thread, at most one per panel.
+fn tasks(w: &PackedMatrix) -> usize {
+    rayon::current_num_threads().min(w.panels).max(1)
+}
+
+/// Checks the output's shape and handles the shapes with nothing to multiply
+/// (returns true when it did).
+fn trivial(
+    m: usize,
+    w: &PackedMatrix,
+    bias: Option<&[f32]>,
+    epilogue: Epilogue,
+    out: &mut [f32],
+) -> bool {
+    assert_eq!(out.len(), m * w.rows, "matmul: out is not m x n");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), w.rows, "matmul: bias length != n");
+    }
+    if m == 0 || w.rows == 0 {
+        return true;
+    }
+    if w.cols == 0 {
+        let zeros = [0.0f32; PANEL];
+        for row in out.chunks_exact_mut(w.rows) {
+            for c0 in (0..w.rows).step_by(PANEL) {
+                let cols = PANEL.min(w.rows - c0);
+                // SAFETY: c0 + cols <= row.len().
+                unsafe { write_tile(&zeros[..cols], row.as_mut_ptr().add(c0), c0, bias, epilogue) };
+            }
+        }
+        return true;
+    }
+    false
 }
 
 /// Splits `panels` into `tasks` static, contiguous ranges `p0..p1`, one per
@@ -335,7 +470,7 @@ fn over_panels(panels: usize, tasks: usize, run: impl Fn(usize, usize) + Sync) {
 
 struct Job<'a> {
     w: &'a PackedMatrix,
-    acts: &'a Acts,
+    acts: &'a QuantizedActs,
     m: usize,
     bias: Option<&'a [f32]>,
     epilogue: Epilogue,
@@ -482,7 +617,7 @@ const MAX_MR: usize = 12;
 
 /// Pointers to block 0 of a group's quants, scales and start values.
 #[inline(always)]
-unsafe fn group_ptrs(a: &Acts, grp: usize) -> (*const i8, *const f32, *const i32) {
+unsafe fn group_ptrs(a: &QuantizedActs, grp: usize) -> (*const i8, *const f32, *const i32) {
     let o = grp * a.nb * a.g;
     (
         a.qs.as_ptr().add(o * QK),
