@@ -298,7 +298,7 @@ pub(crate) fn layer_norm_quantize(
 ) {
     assert_eq!(x.len(), out.len(), "layer_norm: x and out differ in length");
     assert!(
-        k > 0 && x.len() % k == 0,
+        k > 0 && x.len().is_multiple_of(k),
         "layer_norm: rows are not {k} wide"
     );
     acts.reset(supported(level), x.len() / k, k);
