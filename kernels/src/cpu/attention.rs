@@ -400,33 +400,8 @@ mod avx512 {
         /// As the AVX2 `exp`, 16 lanes.
         #[inline(always)]
         fn exp(self, x: __m512) -> __m512 {
-            unsafe {
-                let lo = _mm512_set1_ps(-86.5);
-                let xc = _mm512_max_ps(lo, _mm512_min_ps(_mm512_set1_ps(88.0), x));
-                let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, lo);
-                let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                    _mm512_mul_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-                );
-                let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), xc);
-                let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-                let mut p = _mm512_set1_ps(1.987_569_1e-4);
-                for c in [
-                    1.398_199_9e-3,
-                    8.333_452e-3,
-                    4.166_579_6e-2,
-                    0.166_666_65,
-                    0.5,
-                ] {
-                    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-                }
-                let r2 = _mm512_mul_ps(r, r);
-                let y = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
-                let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-                    _mm512_cvtps_epi32(n),
-                    _mm512_set1_epi32(127),
-                ));
-                _mm512_maskz_mov_ps(keep, _mm512_mul_ps(y, _mm512_castsi512_ps(e)))
-            }
+            // SAFETY: this impl only runs inside the AVX-512 kernels.
+            unsafe { crate::cpu::math::x86::exp16(x) }
         }
         #[inline(always)]
         fn mask_after(self, x: __m512, pos: __m512, key: f32) -> __m512 {

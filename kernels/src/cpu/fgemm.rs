@@ -83,6 +83,8 @@ trait FIsa {
     unsafe fn add(a: Self::F, b: Self::F) -> Self::F;
     unsafe fn load(p: *const f32) -> Self::F;
     unsafe fn store(p: *mut f32, v: Self::F);
+    /// Whether this is AVX-512 code (see [`write_tile`]).
+    const ZMM: bool = false;
 }
 
 #[inline(always)]
@@ -129,7 +131,7 @@ unsafe fn sweep<I: FIsa>(job: &FJob, p0: usize, p1: usize) {
                     for (ii, t) in tile[..r].iter().enumerate() {
                         let o = job.out.0.add((i + ii) * n + c0);
                         if k1 == k {
-                            write_tile(&t[..cols], o, c0, job.bias, epilogue);
+                            write_tile(&t[..cols], o, c0, job.bias, epilogue, I::ZMM);
                         } else {
                             // partial sums stay in `out` between k blocks
                             std::ptr::copy_nonoverlapping(t.as_ptr(), o, cols);
@@ -228,6 +230,7 @@ mod x86 {
 
     impl<const BF: bool> FIsa for Zmm<BF> {
         type F = __m512;
+        const ZMM: bool = true;
         const MR: usize = 8;
         #[inline(always)]
         unsafe fn zero() -> __m512 {

@@ -449,7 +449,16 @@ fn trivial(
             for c0 in (0..w.rows).step_by(PANEL) {
                 let cols = PANEL.min(w.rows - c0);
                 // SAFETY: c0 + cols <= row.len().
-                unsafe { write_tile(&zeros[..cols], row.as_mut_ptr().add(c0), c0, bias, epilogue) };
+                unsafe {
+                    write_tile(
+                        &zeros[..cols],
+                        row.as_mut_ptr().add(c0),
+                        c0,
+                        bias,
+                        epilogue,
+                        false,
+                    )
+                };
             }
         }
         return true;
@@ -478,7 +487,8 @@ struct Job<'a> {
 }
 
 /// Writes one tile row: `v = tile + bias[c0..]`, then the epilogue, into `out`
-/// (`tile.len()` columns starting at output column `c0`).
+/// (`tile.len()` columns starting at output column `c0`). `zmm`: the caller
+/// runs AVX-512 code, so the GELU may too.
 #[inline(always)]
 pub(super) unsafe fn write_tile(
     tile: &[f32],
@@ -486,6 +496,7 @@ pub(super) unsafe fn write_tile(
     c0: usize,
     bias: Option<&[f32]>,
     epilogue: Epilogue,
+    zmm: bool,
 ) {
     let cols = tile.len();
     let mut v = [0.0f32; PANEL];
@@ -497,6 +508,8 @@ pub(super) unsafe fn write_tile(
     }
     match epilogue {
         Epilogue::Store => {}
+        #[cfg(target_arch = "x86_64")]
+        Epilogue::GeluTanh if zmm => super::math::x86::gelu_tanh16(&mut v),
         Epilogue::GeluTanh | Epilogue::GeluErf => {
             let f = if epilogue == Epilogue::GeluTanh {
                 super::math::gelu_tanh8
@@ -514,7 +527,12 @@ pub(super) unsafe fn write_tile(
             }
         }
     }
-    std::ptr::copy_nonoverlapping(v.as_ptr(), out, cols);
+    let _ = zmm;
+    if cols == PANEL {
+        std::ptr::write_unaligned(out as *mut [f32; PANEL], v);
+    } else {
+        std::ptr::copy_nonoverlapping(v.as_ptr(), out, cols);
+    }
 }
 
 /// Micro-tile height (activation rows) of `level`'s int8 kernels, and whether
@@ -574,6 +592,8 @@ trait Isa {
     /// `facc + f32(acc) * dw * dx`.
     unsafe fn fma_block(facc: Self::F, acc: Self::I, dw: Self::F, dx: *const f32) -> Self::F;
     unsafe fn store(v: Self::F, out: &mut [f32; PANEL]);
+    /// Whether this is AVX-512 code (see [`write_tile`]).
+    const ZMM: bool = false;
 }
 
 /// All activation rows against panels `p0..p1`.
@@ -605,7 +625,7 @@ unsafe fn sweep<I: Isa>(job: &Job, p0: usize, p1: usize) {
                 let cols = PANEL.min(n - c0);
                 for (ii, t) in tile[..r].iter().enumerate() {
                     let o = job.out.0.add((i + ii) * n + c0);
-                    write_tile(&t[..cols], o, c0, job.bias, job.epilogue);
+                    write_tile(&t[..cols], o, c0, job.bias, job.epilogue, I::ZMM);
                 }
             }
         }
@@ -825,6 +845,7 @@ mod x86 {
         type F = __m512;
         /// `(|w|, w)` for `maddubs`, `(w + 128, _)` for `vpdpbusd`
         type W = (__m512i, __m512i);
+        const ZMM: bool = true;
         #[inline(always)]
         unsafe fn fzero() -> __m512 {
             _mm512_setzero_ps()
