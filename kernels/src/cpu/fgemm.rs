@@ -7,7 +7,7 @@
 //! activation rows of a chunk stay in L2.
 
 use super::dispatch::Level;
-use super::qgemm::{write_tile, OutPtr, PackedMatrix, PANEL};
+use super::qgemm::{write_tile, OutPtr, PackedMatrix, PANEL, PREFETCH};
 use crate::{Epilogue, QuantType};
 
 /// Activation rows per cache chunk.
@@ -85,6 +85,11 @@ trait FIsa {
     unsafe fn store(p: *mut f32, v: Self::F);
     /// Whether this is AVX-512 code (see [`write_tile`]).
     const ZMM: bool = false;
+    /// A hint to fetch the cache line at `p` (which may be past the panel's end).
+    #[inline(always)]
+    unsafe fn prefetch(p: *const u8) {
+        let _ = p;
+    }
 }
 
 #[inline(always)]
@@ -161,6 +166,11 @@ unsafe fn tile_f<I: FIsa, const M: usize>(
     let mut odd = [I::zero(); M];
     let mut kk = k0;
     while kk + 2 <= k1 {
+        if M <= 2 {
+            // Decode streams each panel once from memory: ask for the line
+            // `PREFETCH` bytes ahead so the loads find it in cache.
+            I::prefetch(panel.add(kk * PANEL * 2 + PREFETCH));
+        }
         let w0 = I::weights(panel.add(kk * PANEL * 2));
         let w1 = I::weights(panel.add((kk + 1) * PANEL * 2));
         for i in 0..M {
@@ -265,6 +275,10 @@ mod x86 {
         unsafe fn store(p: *mut f32, v: __m512) {
             _mm512_storeu_ps(p, v)
         }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const u8) {
+            _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+        }
     }
 
     struct Ymm<const BF: bool>;
@@ -309,6 +323,10 @@ mod x86 {
         unsafe fn store(p: *mut f32, v: F2) {
             _mm256_storeu_ps(p, v[0]);
             _mm256_storeu_ps(p.add(8), v[1]);
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const u8) {
+            _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
         }
     }
 
