@@ -184,12 +184,40 @@ fn main() -> ExitCode {
 
 type CliResult = Result<(), Box<dyn std::error::Error>>;
 
+/// A progress bar on stderr for the slow part of loading (repacking the weights
+/// for the CPU, uploading them to a GPU); invisible when stderr is not a terminal.
+fn load_progress() -> mipha_models::LoadProgress {
+    use std::sync::Mutex;
+    let bar: Mutex<Option<(String, indicatif::ProgressBar)>> = Mutex::new(None);
+    mipha_models::LoadProgress::new(move |stage, done, total| {
+        let mut bar = bar.lock().unwrap_or_else(|e| e.into_inner());
+        if bar
+            .as_ref()
+            .is_none_or(|(s, b)| s != stage || b.length() != Some(total))
+        {
+            let b = indicatif::ProgressBar::new(total).with_style(
+                indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b.set_message(stage.to_string());
+            *bar = Some((stage.to_string(), b));
+        }
+        if let Some((_, b)) = bar.as_ref() {
+            b.set_position(done);
+            if done >= total {
+                b.finish_and_clear();
+            }
+        }
+    })
+}
+
 fn load(m: &ModelArgs, max_outputs: usize, max_batch_tokens: usize) -> Result<Engine, String> {
     let opts = EngineOptions {
         threads: m.threads,
         device: m.device,
         max_outputs,
         max_batch_tokens,
+        progress: Some(load_progress()),
         ..EngineOptions::default()
     };
     let path = hub::HubOptions::from_env()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use mipha_runtime::{
     Backend, BindOptions, BlockPool, Capture, CpuBackend, DeviceChoice, Error, Input, KvConfig,
-    MqfFile, Plan, ResidentRows, Result, SeqId, Step, Weights,
+    LoadProgress, MqfFile, Plan, ResidentRows, Result, SeqId, Step, Weights,
 };
 
 use crate::config::{PhiConfig, VisionConfig};
@@ -45,6 +45,8 @@ pub struct EngineOptions {
     /// where the plans run: the CPU (default), a CUDA GPU, or `auto` (the GPU when
     /// one is usable, else the CPU; [`Engine::device`] says which)
     pub device: DeviceChoice,
+    /// told how repacking (CPU) or uploading (GPU) the weights advances
+    pub progress: Option<LoadProgress>,
 }
 
 impl Default for EngineOptions {
@@ -59,6 +61,7 @@ impl Default for EngineOptions {
             image_cache: 8,
             int8_activations: true,
             device: DeviceChoice::Cpu,
+            progress: None,
         }
     }
 }
@@ -166,10 +169,14 @@ impl Engine {
         let template = ChatTemplate::from_metadata(meta)?;
         let max_outputs = options.max_outputs.min(options.max_batch_tokens);
         let plan = PhiForCausalLM::plan(&config, options.max_batch_tokens, max_outputs);
+        let device = options.device.resolve()?;
         let bind = BindOptions {
             int8_activations: options.int8_activations,
+            // A GPU reads the file's layouts: CPU panels would only cost time and memory.
+            cpu_repack: !device.is_cuda(),
         };
-        let weights = Weights::bind_with(&plan, file.clone(), bind)?;
+        let progress = options.progress.as_ref();
+        let weights = Weights::bind_reporting(&plan, file.clone(), bind, progress)?;
         let blocks_per_seq = config
             .max_position_embeddings
             .div_ceil(options.kv_block_size);
@@ -179,8 +186,7 @@ impl Engine {
         };
         // The pool runs the CPU backend's kernels, and decode loops on any device.
         let pool = CpuBackend::thread_pool(options.threads)?;
-        let device = options.device.resolve()?;
-        let backend = device.backend(&plan, &weights, Some(kv), pool.clone(), bind)?;
+        let backend = device.backend(&plan, &weights, Some(kv), pool.clone(), bind, progress)?;
         // Block tables hold a full context from the start: a decode step never grows one.
         let blocks = BlockPool::new(kv.n_blocks, kv.block_size)
             .with_sequence_capacity(config.max_position_embeddings);
@@ -203,7 +209,7 @@ impl Engine {
                     )));
                 }
                 let plan = SiglipVisionTower::plan(&vc);
-                let weights = Weights::bind_with(&plan, file.clone(), bind)?;
+                let weights = Weights::bind_reporting(&plan, file.clone(), bind, progress)?;
                 Some(Vision {
                     config: vc,
                     image,
@@ -215,7 +221,7 @@ impl Engine {
         };
         let vision_exec = match &vision {
             Some(v) => Some(VisionExec {
-                backend: device.backend(&v.plan, &v.weights, None, pool.clone(), bind)?,
+                backend: device.backend(&v.plan, &v.weights, None, pool.clone(), bind, progress)?,
                 patches: Vec::new(),
             }),
             None => None,

@@ -47,7 +47,7 @@ pub use engine::{
     CancelToken, DecodeStep, Decoder, Engine, EngineOptions, GenerateOptions, Generation,
     ImageEmbeddings, Logits, StopReason, TextDecoder, Timings,
 };
-pub use mipha_runtime::DeviceChoice;
+pub use mipha_runtime::{DeviceChoice, LoadProgress};
 pub use sampling::{Sampler, SamplingParams};
 pub use session::{ImageEmbeds, Reply, Session, TurnStats};
 pub use template::{ChatTemplate, Segment, Turn};

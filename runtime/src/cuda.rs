@@ -23,7 +23,7 @@ use mipha_kernels::cuda::{
 use crate::backend::{Backend, Capture, Input, ResidentRows, Step};
 use crate::cpu::KvConfig;
 use crate::error::{Error, Result};
-use crate::graph::{BufId, Epilogue, GeluKind, Op, Plan, Rows, WeightId, Weights};
+use crate::graph::{BufId, Epilogue, GeluKind, LoadProgress, Op, Plan, Rows, WeightId, Weights};
 
 pub use crate::device::{DeviceChoice, Resolved};
 pub use mipha_kernels::cuda::Device as CudaDevice;
@@ -149,6 +149,17 @@ impl CudaBackend {
         kv: Option<KvConfig>,
         dev: Arc<Device>,
     ) -> Result<Self> {
+        Self::new_reporting(plan, weights, kv, dev, None)
+    }
+
+    /// [`CudaBackend::new`], reporting the weight upload to `progress`.
+    pub fn new_reporting(
+        plan: &Plan,
+        weights: &Weights,
+        kv: Option<KvConfig>,
+        dev: Arc<Device>,
+        progress: Option<&LoadProgress>,
+    ) -> Result<Self> {
         let mut output_rows = vec![false; plan.buffers.len()];
         let mut gather_width = 0;
         let mut accumulate_width = 0;
@@ -191,10 +202,19 @@ impl CudaBackend {
                 dw[id.0] = Some(DevWeight::F32(data));
             }
         }
+        matrices.sort_by_key(|id| id.0);
+        matrices.dedup();
+        let bytes = |id: &WeightId| weights.get(*id).data.len() as u64;
+        let total: u64 = matrices.iter().map(bytes).sum();
+        let mut done = 0;
         for id in matrices {
             if dw[id.0].is_none() {
                 let m = dev.upload_weight(weights.get(id).view()).map_err(cu)?;
                 dw[id.0] = Some(DevWeight::Matrix(m));
+            }
+            done += bytes(&id);
+            if let Some(p) = progress {
+                p.report("uploading weights", done, total);
             }
         }
         let mut buffers = Vec::with_capacity(plan.buffers.len());

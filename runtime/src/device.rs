@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::backend::Backend;
 use crate::cpu::{CpuBackend, KvConfig};
 use crate::error::{Error, Result};
-use crate::graph::{BindOptions, Plan, Weights};
+use crate::graph::{BindOptions, LoadProgress, Plan, Weights};
 
 /// What `--device` asks for: `cpu`, `cuda`, `cuda:N` or `auto`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -132,12 +132,19 @@ impl Resolved {
         kv: Option<KvConfig>,
         pool: Arc<rayon::ThreadPool>,
         bind: BindOptions,
+        progress: Option<&LoadProgress>,
     ) -> Result<Box<dyn Backend>> {
         match self {
             Resolved::Cpu { .. } => Ok(Box::new(CpuBackend::with_pool(plan, kv, pool)?)),
             #[cfg(feature = "cuda")]
             Resolved::Cuda(d) => {
-                let mut b = crate::cuda::CudaBackend::new(plan, weights, kv, d.clone())?;
+                let mut b = crate::cuda::CudaBackend::new_reporting(
+                    plan,
+                    weights,
+                    kv,
+                    d.clone(),
+                    progress,
+                )?;
                 b.set_f16_gemm(bind.int8_activations);
                 Ok(Box::new(b))
             }

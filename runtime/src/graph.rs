@@ -278,13 +278,42 @@ pub struct BindOptions {
     /// read in place and multiplied with f32 activations (slower; exact against a
     /// dequantized-weights oracle).
     pub int8_activations: bool,
+    /// Repack matmul weights into the CPU kernels' panels at all. A GPU engine
+    /// turns it off: its plans read the file's layouts, uploaded once.
+    pub cpu_repack: bool,
 }
 
 impl Default for BindOptions {
     fn default() -> Self {
         BindOptions {
             int8_activations: true,
+            cpu_repack: true,
         }
+    }
+}
+
+/// Reports the slow part of loading a model, for progress bars: called with a
+/// stage (`"repacking weights"` for the CPU panels, `"uploading weights"` to a
+/// GPU), the bytes done and the stage's total, after each weight.
+#[derive(Clone)]
+pub struct LoadProgress(Arc<ProgressFn>);
+
+/// `(stage, bytes done, bytes total)`
+type ProgressFn = dyn Fn(&str, u64, u64) + Send + Sync;
+
+impl LoadProgress {
+    pub fn new(f: impl Fn(&str, u64, u64) + Send + Sync + 'static) -> Self {
+        LoadProgress(Arc::new(f))
+    }
+
+    pub fn report(&self, stage: &str, done: u64, total: u64) {
+        (self.0)(stage, done, total)
+    }
+}
+
+impl std::fmt::Debug for LoadProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoadProgress(..)")
     }
 }
 
@@ -303,6 +332,16 @@ impl Weights {
     /// [`Weights::bind`] with options. Repacked weights are copied once here and
     /// their pages of the file released, so memory holds one copy of each.
     pub fn bind_with(plan: &Plan, file: Arc<MqfFile>, options: BindOptions) -> Result<Self> {
+        Self::bind_reporting(plan, file, options, None)
+    }
+
+    /// [`Weights::bind_with`], reporting the repacking to `progress`.
+    pub fn bind_reporting(
+        plan: &Plan,
+        file: Arc<MqfFile>,
+        options: BindOptions,
+        progress: Option<&LoadProgress>,
+    ) -> Result<Self> {
         let f32_only = f32_only_weights(plan);
         let mut raw = Vec::with_capacity(plan.weights.len());
         for (i, desc) in plan.weights.iter().enumerate() {
@@ -339,20 +378,32 @@ impl Weights {
             });
         }
         let mut packed: Vec<Option<PackedMatrix>> = (0..raw.len()).map(|_| None).collect();
+        let mut wanted = vec![false; raw.len()];
         for op in &plan.ops {
             if let Op::MatMul { w, .. } = op {
-                let r = raw[w.0];
-                let wanted = match r.ty {
-                    QuantType::Q8_0 | QuantType::Q4_0 => options.int8_activations,
-                    QuantType::F16 | QuantType::BF16 => true,
-                    QuantType::F32 => false,
-                };
-                if wanted && packed[w.0].is_none() {
-                    // SAFETY: as in `get`.
-                    let data = unsafe { std::slice::from_raw_parts(r.ptr, r.len) };
-                    let view = mipha_kernels::WeightView::new(r.ty, data, r.rows, r.cols);
-                    packed[w.0] = PackedMatrix::pack(view);
-                    file.release(data);
+                wanted[w.0] = options.cpu_repack
+                    && match raw[w.0].ty {
+                        QuantType::Q8_0 | QuantType::Q4_0 => options.int8_activations,
+                        QuantType::F16 | QuantType::BF16 => true,
+                        QuantType::F32 => false,
+                    };
+            }
+        }
+        let total: u64 = (0..raw.len())
+            .filter(|&i| wanted[i])
+            .map(|i| raw[i].len as u64)
+            .sum();
+        let mut done = 0;
+        for (i, r) in raw.iter().enumerate() {
+            if wanted[i] {
+                // SAFETY: as in `get`.
+                let data = unsafe { std::slice::from_raw_parts(r.ptr, r.len) };
+                let view = mipha_kernels::WeightView::new(r.ty, data, r.rows, r.cols);
+                packed[i] = PackedMatrix::pack(view);
+                file.release(data);
+                done += r.len as u64;
+                if let Some(p) = progress {
+                    p.report("repacking weights", done, total);
                 }
             }
         }

@@ -18,7 +18,8 @@ pub use device::{DeviceChoice, Resolved};
 pub use error::{Error, Result};
 pub use format::{MetaValue, Metadata, MqfFile, MqfWriter, TensorInfo, TensorRef, TensorSpec};
 pub use graph::{
-    BindOptions, BufId, Epilogue, GeluKind, Op, Plan, PlanBuilder, Rows, WeightId, Weights,
+    BindOptions, BufId, Epilogue, GeluKind, LoadProgress, Op, Plan, PlanBuilder, Rows, WeightId,
+    Weights,
 };
 pub use kv::{BlockPool, SeqId};
 pub use mipha_kernels::QuantType;

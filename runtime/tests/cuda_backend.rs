@@ -241,6 +241,7 @@ fn text_plan_matches_cpu_over_prefill_and_decode() {
         file,
         BindOptions {
             int8_activations: false,
+            cpu_repack: true,
         },
     )
     .unwrap();
@@ -302,6 +303,7 @@ fn decode_only_plan_matches_cpu_tightly() {
         file,
         BindOptions {
             int8_activations: false,
+            cpu_repack: true,
         },
     )
     .unwrap();
@@ -437,6 +439,7 @@ fn text_setup(dir: &std::path::Path) -> (Plan, Weights, KvConfig) {
         file,
         BindOptions {
             int8_activations: false,
+            cpu_repack: true,
         },
     )
     .unwrap();
