@@ -261,7 +261,8 @@ fn image_figures(
             tap: format!("{TAP_HIDDEN}.{layers}"),
             at: None,
         };
-        let embeds = engine.encode_pixels(&img.pixels, Some(&mut timer))?;
+        // The tower / projector split needs the tap, which the plain path has not.
+        std::hint::black_box(engine.encode_pixels(&img.pixels, Some(&mut timer))?);
         let t2 = Instant::now();
         pre.push(ms(t1 - t0));
         encode.push(ms(t2 - t1));
@@ -273,6 +274,12 @@ fn image_figures(
             None => split = false,
         }
         if spec.ttft {
+            // Time to first token is its own run, image file to sampled token, on
+            // the library's path: `encode_image` leaves the embeddings where the
+            // vision plan ran (on a GPU they never come back to the host).
+            let t0 = Instant::now();
+            let img = load_image(image, cfg)?;
+            let embeds = engine.encode_image(&img.pixels)?;
             let segments = engine.template().render(&[Turn {
                 user: spec.question.clone(),
                 images: 1,
@@ -288,9 +295,7 @@ fn image_figures(
                         inputs.push(Input::Token(*t));
                         history.push(*t);
                     }
-                    PromptId::Image(_) => {
-                        inputs.extend(embeds.chunks_exact(hidden).map(Input::Embedding))
-                    }
+                    PromptId::Image(_) => embeds.push_inputs(hidden, &mut inputs),
                 }
             }
             positions = inputs.len();
