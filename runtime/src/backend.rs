@@ -4,7 +4,7 @@ use std::any::Any;
 use std::fmt::Debug;
 use std::sync::Arc;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::graph::{Plan, Weights};
 
 /// One row of a step's input.
@@ -47,6 +47,48 @@ pub struct Step<'a> {
     pub block_table: &'a [u32],
     /// rows (indices into `inputs`) whose outputs are wanted, e.g. the last one for sampling
     pub outputs: &'a [usize],
+}
+
+impl Step<'_> {
+    /// Checks the step against `plan`'s sizes: 1 to `max_tokens` rows, at most
+    /// `max_outputs` output rows. Every backend calls it before running ops.
+    pub fn check(&self, plan: &Plan) -> Result<()> {
+        let n = self.inputs.len();
+        if n == 0 || n > plan.max_tokens {
+            return Err(Error::Other(format!(
+                "a step carries 1..={} rows, got {n}",
+                plan.max_tokens
+            )));
+        }
+        if self.outputs.len() > plan.max_outputs {
+            return Err(Error::Other(format!(
+                "a step may ask for at most {} output rows, got {}",
+                plan.max_outputs,
+                self.outputs.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The blocks of the block table that hold positions `0..first_pos + rows`,
+    /// each checked to lie inside a KV pool of `n_blocks` blocks of `block_size`.
+    pub fn kv_blocks(&self, block_size: usize, n_blocks: usize) -> Result<&[u32]> {
+        let total = self.first_pos + self.inputs.len();
+        let used = total.div_ceil(block_size);
+        if self.block_table.len() < used {
+            return Err(Error::Other(format!(
+                "block table covers {} positions, the step needs {total}",
+                self.block_table.len() * block_size
+            )));
+        }
+        let blocks = &self.block_table[..used];
+        if let Some(&b) = blocks.iter().find(|&&b| b as usize >= n_blocks) {
+            return Err(Error::Other(format!(
+                "block {b} is outside the KV pool of {n_blocks}"
+            )));
+        }
+        Ok(blocks)
+    }
 }
 
 /// Receives the buffers a plan taps (conformance tests, `mipha-cli logits`).

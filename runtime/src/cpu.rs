@@ -420,24 +420,12 @@ impl CpuBackend {
                         .kv
                         .as_mut()
                         .ok_or_else(|| Error::Other("no KV cache".into()))?;
-                    let total = step.first_pos + n;
                     let bs = kv.block_size;
-                    if step.block_table.len() * bs < total {
-                        return Err(Error::Other(format!(
-                            "block table covers {} positions, the step needs {total}",
-                            step.block_table.len() * bs
-                        )));
-                    }
+                    let table = step.kv_blocks(bs, kv.n_blocks)?;
                     let d = kv.kv_dim;
                     for i in 0..n {
                         let pos = step.first_pos + i;
-                        let block = step.block_table[pos / bs] as usize;
-                        if block >= kv.n_blocks {
-                            return Err(Error::Other(format!(
-                                "block {block} is outside the KV pool of {}",
-                                kv.n_blocks
-                            )));
-                        }
+                        let block = table[pos / bs] as usize;
                         let slot = (block * bs + pos % bs) * d;
                         kv.k[*layer][slot..slot + d]
                             .copy_from_slice(&self.buffers[kb.0][i * d..(i + 1) * d]);
@@ -492,24 +480,11 @@ impl Backend for CpuBackend {
         step: &Step,
         capture: Option<&mut (dyn Capture + '_)>,
     ) -> Result<()> {
-        let n = step.inputs.len();
-        if n == 0 || n > plan.max_tokens {
-            return Err(Error::Other(format!(
-                "a step carries 1..={} rows, got {n}",
-                plan.max_tokens
-            )));
-        }
-        if step.outputs.len() > plan.max_outputs {
-            return Err(Error::Other(format!(
-                "a step may ask for at most {} output rows, got {}",
-                plan.max_outputs,
-                step.outputs.len()
-            )));
-        }
+        step.check(plan)?;
         // A clone of the Arc lets the closure borrow `self` mutably.
         let pool = self.pool.clone();
         let result = pool.install(|| self.run_ops(plan, weights, step, capture));
-        let rows = self.rows(plan.output, n, step.outputs.len());
+        let rows = self.rows(plan.output, step.inputs.len(), step.outputs.len());
         self.last_output = Some((plan.output, rows * plan.buffer(plan.output).width));
         result
     }

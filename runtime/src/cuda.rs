@@ -372,26 +372,9 @@ impl CudaBackend {
         }
         if let Some(kv) = &self.kv {
             if plan.ops.iter().any(|op| matches!(op, Op::Attention { .. })) {
-                let total = step.first_pos + n;
-                let bs = kv.block_size;
-                let used = total.div_ceil(bs);
-                if step.block_table.len() < used {
-                    return Err(Error::Other(format!(
-                        "block table covers {} positions, the step needs {total}",
-                        step.block_table.len() * bs
-                    )));
-                }
-                if let Some(&b) = step.block_table[..used]
-                    .iter()
-                    .find(|&&b| b as usize >= kv.n_blocks)
-                {
-                    return Err(Error::Other(format!(
-                        "block {b} is outside the KV pool of {}",
-                        kv.n_blocks
-                    )));
-                }
+                let blocks = step.kv_blocks(kv.block_size, kv.n_blocks)?;
                 dev.stream()
-                    .memcpy_htod(&step.block_table[..used], &mut self.table.slice_mut(..used))
+                    .memcpy_htod(blocks, &mut self.table.slice_mut(..blocks.len()))
                     .map_err(drv)?;
             }
         }
@@ -912,27 +895,14 @@ impl Backend for CudaBackend {
         step: &Step,
         capture: Option<&mut (dyn Capture + '_)>,
     ) -> Result<()> {
-        let n = step.inputs.len();
-        if n == 0 || n > plan.max_tokens {
-            return Err(Error::Other(format!(
-                "a step carries 1..={} rows, got {n}",
-                plan.max_tokens
-            )));
-        }
-        if step.outputs.len() > plan.max_outputs {
-            return Err(Error::Other(format!(
-                "a step may ask for at most {} output rows, got {}",
-                plan.max_outputs,
-                step.outputs.len()
-            )));
-        }
+        step.check(plan)?;
         let result = self.upload_step(plan, step).and_then(|()| {
             if self.graph_step(step, capture.is_some()) && self.run_graph(plan, step)? {
                 return Ok(());
             }
             self.run_ops(plan, step, capture)
         });
-        let rows = self.rows(plan.output, n, step.outputs.len());
+        let rows = self.rows(plan.output, step.inputs.len(), step.outputs.len());
         self.last_output = Some((plan.output, rows, plan.buffer(plan.output).width));
         result
     }
