@@ -222,41 +222,11 @@ mod avx2 {
         fn fma(self, a: __m256, b: __m256, c: __m256) -> __m256 {
             unsafe { _mm256_fmadd_ps(a, b, c) }
         }
-        /// Cephes `expf`: `e^x = 2^n e^r`, `n = round(x log2 e)`, `|r| <= ln2 / 2`,
-        /// `e^r` by a degree-7 polynomial; about 1 ulp. Arguments are clamped to
-        /// [-86.5, 88] first so no lane builds a subnormal or garbage exponent
-        /// (both slow), and lanes below -86.5 (`e^x < 3e-38`, nothing next to a
-        /// softmax sum of at least 1) become 0. NaN stays NaN.
+        /// Cephes `expf` (see `math::x86::exp16`), 8 lanes.
         #[inline(always)]
         fn exp(self, x: __m256) -> __m256 {
-            unsafe {
-                let lo = _mm256_set1_ps(-86.5);
-                // minps/maxps return the second operand for NaN: keep x there.
-                let xc = _mm256_max_ps(lo, _mm256_min_ps(_mm256_set1_ps(88.0), x));
-                let keep = _mm256_cmp_ps::<_CMP_NLT_UQ>(x, lo);
-                let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                    _mm256_mul_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-                );
-                let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), xc);
-                let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-                let mut p = _mm256_set1_ps(1.987_569_1e-4);
-                for c in [
-                    1.398_199_9e-3,
-                    8.333_452e-3,
-                    4.166_579_6e-2,
-                    0.166_666_65,
-                    0.5,
-                ] {
-                    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-                }
-                let r2 = _mm256_mul_ps(r, r);
-                let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
-                let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-                    _mm256_cvtps_epi32(n),
-                    _mm256_set1_epi32(127),
-                ));
-                _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep)
-            }
+            // SAFETY: this impl only runs inside the AVX2 kernels.
+            unsafe { crate::cpu::math::x86::exp8(x) }
         }
         #[inline(always)]
         fn mask_after(self, x: __m256, pos: __m256, key: f32) -> __m256 {
