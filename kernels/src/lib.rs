@@ -70,20 +70,85 @@ impl<'a> WeightView<'a> {
     }
 }
 
+/// Element type of a KV cache pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KvDtype {
+    F32,
+    /// IEEE binary16: half the memory and half the decode traffic of f32.
+    F16,
+}
+
+impl KvDtype {
+    pub fn size_bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        }
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+}
+
+/// A KV cache element: `f32` or `half::f16`. Sealed: the kernels have a path
+/// for each of these two and no other.
+pub trait KvElem:
+    sealed::Sealed + Copy + Default + Send + Sync + std::fmt::Debug + bytemuck::Pod + 'static
+{
+    const DTYPE: KvDtype;
+    fn to_f32(self) -> f32;
+    /// f16: round to nearest even, as `half::f16::from_f32`.
+    fn from_f32(x: f32) -> Self;
+}
+
+impl KvElem for f32 {
+    const DTYPE: KvDtype = KvDtype::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl KvElem for half::f16 {
+    const DTYPE: KvDtype = KvDtype::F16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+}
+
 /// Keys/values of one sequence for one layer, read through a paged block table.
 ///
-/// The K (and V) pool is `[n_blocks, block_size, kv_dim]` f32; position `p` of the
-/// sequence lives at row `block_table[p / block_size] * block_size + p % block_size`.
+/// The K (and V) pool is `[n_blocks, block_size, kv_dim]` of `E`; position `p` of
+/// the sequence lives at row `block_table[p / block_size] * block_size + p % block_size`.
 #[derive(Clone, Copy, Debug)]
-pub struct KvView<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+pub struct KvView<'a, E: KvElem = f32> {
+    pub k: &'a [E],
+    pub v: &'a [E],
     pub block_size: usize,
     pub block_table: &'a [u32],
     pub kv_dim: usize,
 }
 
-impl<'a> KvView<'a> {
+impl<'a, E: KvElem> KvView<'a, E> {
     /// Pool row holding sequence position `pos`.
     #[inline]
     pub fn slot(&self, pos: usize) -> usize {
@@ -91,14 +156,47 @@ impl<'a> KvView<'a> {
     }
 
     #[inline]
-    pub fn key(&self, pos: usize) -> &'a [f32] {
+    pub fn key(&self, pos: usize) -> &'a [E] {
         let s = self.slot(pos) * self.kv_dim;
         &self.k[s..s + self.kv_dim]
     }
 
     #[inline]
-    pub fn value(&self, pos: usize) -> &'a [f32] {
+    pub fn value(&self, pos: usize) -> &'a [E] {
         let s = self.slot(pos) * self.kv_dim;
         &self.v[s..s + self.kv_dim]
     }
+}
+
+/// One layer's K and V pools, `[n_blocks, block_size, kv_dim]` each, without a
+/// block table: what the sequences of a batched attention call share.
+#[derive(Clone, Copy, Debug)]
+pub struct KvLayer<'a, E: KvElem = f32> {
+    pub k: &'a [E],
+    pub v: &'a [E],
+    pub block_size: usize,
+    pub kv_dim: usize,
+}
+
+impl<'a, E: KvElem> KvLayer<'a, E> {
+    /// The pools as one sequence sees them through its block table.
+    #[inline]
+    pub fn view(&self, block_table: &'a [u32]) -> KvView<'a, E> {
+        KvView {
+            k: self.k,
+            v: self.v,
+            block_size: self.block_size,
+            block_table,
+            kv_dim: self.kv_dim,
+        }
+    }
+}
+
+/// The rows of one sequence in a batched attention call: `rows` consecutive query
+/// rows at positions `first_pos..first_pos + rows`, reading keys through `block_table`.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnSeq<'a> {
+    pub rows: usize,
+    pub first_pos: usize,
+    pub block_table: &'a [u32],
 }

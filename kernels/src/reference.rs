@@ -4,7 +4,7 @@
 //! any f32 implementation it judges.
 
 use crate::quant::dequantize_row;
-pub use crate::{KvView, WeightView};
+pub use crate::{AttnSeq, KvElem, KvLayer, KvView, WeightView};
 
 /// `out[m, n] = x[m, k] . W[n, k]^T (+ bias[n])`, with `k = w.cols`, `n = w.rows`.
 pub fn matmul(x: &[f32], m: usize, w: WeightView, bias: Option<&[f32]>, out: &mut [f32]) {
@@ -261,16 +261,16 @@ pub(crate) fn check_embedding(table: &WeightView, ids: &[u32], out: &[f32]) -> R
     }
 }
 
-/// Multi-head attention over a paged KV cache, one query row at a time.
-/// See [`crate::cpu::attention`] for the contract.
+/// Multi-head attention over a paged KV cache, one query row at a time, on the
+/// K/V values widened to f32. See [`crate::cpu::attention`] for the contract.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(
+pub fn attention<E: KvElem>(
     q: &[f32],
     n_tokens: usize,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
-    kv: &KvView,
+    kv: &KvView<E>,
     first_pos: usize,
     causal: bool,
     scale: f32,
@@ -290,7 +290,11 @@ pub fn attention(
             let qh = &q[i * qd + h * head_dim..i * qd + (h + 1) * head_dim];
             for (t, s) in scores[..n_keys].iter_mut().enumerate() {
                 let k = &kv.key(t)[kvh * head_dim..(kvh + 1) * head_dim];
-                let dot: f64 = qh.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let dot: f64 = qh
+                    .iter()
+                    .zip(k)
+                    .map(|(&a, &b)| a as f64 * b.to_f32() as f64)
+                    .sum();
                 *s = dot as f32 * scale;
             }
             softmax(&mut scores[..n_keys]);
@@ -299,7 +303,7 @@ pub fn attention(
                 let acc: f64 = scores[..n_keys]
                     .iter()
                     .enumerate()
-                    .map(|(t, &p)| p as f64 * kv.value(t)[kvh * head_dim + d] as f64)
+                    .map(|(t, &p)| p as f64 * kv.value(t)[kvh * head_dim + d].to_f32() as f64)
                     .sum();
                 *o = acc as f32;
             }
@@ -307,14 +311,58 @@ pub fn attention(
     }
 }
 
+/// [`attention`] for several sequences' rows in one call: `q` and `out` are
+/// `[sum of rows, n_heads * head_dim]`, the rows of `seqs[0]` first. See
+/// [`crate::cpu::attention_batch`].
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn check_attention(
+pub fn attention_batch<E: KvElem>(
+    q: &[f32],
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    kv: &KvLayer<E>,
+    seqs: &[AttnSeq],
+    causal: bool,
+    scale: f32,
+    out: &mut [f32],
+) {
+    check_attention_batch(q, n_heads, n_kv_heads, head_dim, kv, seqs, out);
+    let qd = n_heads * head_dim;
+    let mut r0 = 0;
+    for s in seqs {
+        let rows = r0 * qd..(r0 + s.rows) * qd;
+        attention(
+            &q[rows.clone()],
+            s.rows,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            &kv.view(s.block_table),
+            s.first_pos,
+            causal,
+            scale,
+            &mut out[rows],
+        );
+        r0 += s.rows;
+    }
+}
+
+/// K or V rows converted to the pool's element type (f16: round to nearest even).
+pub fn kv_store<E: KvElem>(src: &[f32], dst: &mut [E]) {
+    assert_eq!(src.len(), dst.len(), "kv_store: length mismatch");
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = E::from_f32(s);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_attention<E: KvElem>(
     q: &[f32],
     n_tokens: usize,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
-    kv: &KvView,
+    kv: &KvView<E>,
     first_pos: usize,
     out: &[f32],
 ) {
@@ -336,6 +384,44 @@ pub(crate) fn check_attention(
         "attention: block table covers {} positions, need {total}",
         kv.block_table.len() * kv.block_size
     );
+}
+
+/// [`check_attention`] for a batch: `q` and `out` hold exactly the sequences'
+/// rows, and each block table covers its sequence's positions.
+pub(crate) fn check_attention_batch<E: KvElem>(
+    q: &[f32],
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    kv: &KvLayer<E>,
+    seqs: &[AttnSeq],
+    out: &[f32],
+) {
+    assert!(
+        n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads),
+        "attention: n_heads {n_heads} not a multiple of n_kv_heads {n_kv_heads}"
+    );
+    let rows: usize = seqs.iter().map(|s| s.rows).sum();
+    assert_eq!(
+        q.len(),
+        rows * n_heads * head_dim,
+        "attention_batch: q is not [{rows} rows, {n_heads} x {head_dim}]"
+    );
+    assert_eq!(out.len(), q.len(), "attention_batch: out shape");
+    assert_eq!(
+        kv.kv_dim,
+        n_kv_heads * head_dim,
+        "attention: kv_dim != n_kv_heads * head_dim"
+    );
+    assert!(kv.block_size > 0, "attention: block_size must be > 0");
+    for (i, s) in seqs.iter().enumerate() {
+        let total = s.first_pos + s.rows;
+        assert!(
+            s.block_table.len() * kv.block_size >= total,
+            "attention_batch: sequence {i}'s block table covers {} positions, need {total}",
+            s.block_table.len() * kv.block_size
+        );
+    }
 }
 
 /// The integer matmul the CPU runs for Q8_0/Q4_0 weights: each x row quantized

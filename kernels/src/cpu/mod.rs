@@ -13,6 +13,7 @@
 mod attention;
 pub mod dispatch;
 mod fgemm;
+mod kv;
 mod math;
 mod matmul;
 mod qgemm;
@@ -21,7 +22,7 @@ use rayon::prelude::*;
 use wide::f32x8;
 
 use crate::reference;
-pub use crate::{Epilogue, KvView, WeightView};
+pub use crate::{AttnSeq, Epilogue, KvDtype, KvElem, KvLayer, KvView, WeightView};
 use math::{load, map_in_place, store};
 pub use qgemm::{PackedMatrix, QuantizedActs, PANEL};
 
@@ -270,15 +271,16 @@ pub fn embedding(table: WeightView, ids: &[u32], out: &mut [f32]) -> Result<(), 
 /// position `first_pos + i`; keys/values for positions `0..first_pos + n_tokens`
 /// must already be in `kv`. Causal: row `i` attends keys `0..=first_pos + i`;
 /// otherwise all keys. Query head `h` uses kv head `h / (n_heads / n_kv_heads)`.
-/// Scores and softmax are f32; `scale` is usually `1/sqrt(head_dim)`.
+/// f16 keys/values are widened to f32 as they are read; scores and softmax are
+/// f32; `scale` is usually `1/sqrt(head_dim)`.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(
+pub fn attention<E: KvElem>(
     q: &[f32],
     n_tokens: usize,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
-    kv: &KvView,
+    kv: &KvView<E>,
     first_pos: usize,
     causal: bool,
     scale: f32,
@@ -287,6 +289,44 @@ pub fn attention(
     attention::attention(
         q, n_tokens, n_heads, n_kv_heads, head_dim, kv, first_pos, causal, scale, out,
     )
+}
+
+/// [`attention()`] for several sequences' rows in one call: `q` and `out` are
+/// `[sum of rows, n_heads * head_dim]`, the rows of `seqs[0]` first, then
+/// `seqs[1]`, ...; each sequence attends (causally or not) over its own keys,
+/// read from `kv` through its block table. Sequences may share blocks.
+///
+/// Sequences with a few rows (decode steps) run together in one parallel pass;
+/// each with more (a prefill chunk) runs tiled on its own. Gives the same
+/// results as one [`attention()`] call per sequence, to rounding: a long context
+/// may be split over the keys differently with more rows to share the threads.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_batch<E: KvElem>(
+    q: &[f32],
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    kv: &KvLayer<E>,
+    seqs: &[AttnSeq],
+    causal: bool,
+    scale: f32,
+    out: &mut [f32],
+) {
+    attention::attention_batch(
+        q, n_heads, n_kv_heads, head_dim, kv, seqs, causal, scale, out,
+    )
+}
+
+/// Converts K or V rows into the pool's element type: f16 rounds to nearest
+/// even, bit-identical to `half::f16::from_f32` for every input (NaN, infinity,
+/// subnormals, overflow to infinity).
+pub fn kv_store<E: KvElem>(src: &[f32], dst: &mut [E]) {
+    kv::kv_store(dispatch::level(), src, dst)
+}
+
+/// [`kv_store`] on a chosen path (lowered to what the CPU supports).
+pub fn kv_store_at<E: KvElem>(level: dispatch::Level, src: &[f32], dst: &mut [E]) {
+    kv::kv_store(level, src, dst)
 }
 
 fn map_par(x: &mut [f32], f: fn(f32x8) -> f32x8) {
