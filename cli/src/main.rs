@@ -11,8 +11,8 @@ mod hub;
 use std::sync::Arc;
 
 use mipha_models::{
-    DeviceChoice, Engine, EngineOptions, GenerateOptions, Logits, PromptId, SamplingParams,
-    Segment, Session, StopReason, Turn, TurnStats,
+    DeviceChoice, Engine, EngineOptions, GenerateOptions, KvCacheSize, KvDtype, Logits, PromptId,
+    SamplingParams, Segment, Session, StopReason, Turn, TurnStats,
 };
 use mipha_runtime::Input;
 
@@ -53,10 +53,26 @@ struct ModelArgs {
     /// usable, else the CPU). CUDA needs a build with `--features cuda`.
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     device: DeviceChoice,
+    /// Memory for the KV cache, in MiB, shared by every conversation and the
+    /// prefix cache (a sequence's context is capped at what it holds).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1 << 40))]
+    kv_cache_mb: u64,
+    /// The KV cache's element type: f16 (half the memory and traffic) or f32
+    /// (exact against an f32 reference). Default: f16, f32 for `logits`.
+    #[arg(long, value_parser = parse_kv_dtype)]
+    kv_dtype: Option<KvDtype>,
 }
 
 fn parse_device(s: &str) -> Result<DeviceChoice, String> {
     s.parse()
+}
+
+fn parse_kv_dtype(s: &str) -> Result<KvDtype, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "f16" => Ok(KvDtype::F16),
+        "f32" => Ok(KvDtype::F32),
+        _ => Err(format!("unknown KV cache type `{s}` (expected f16 or f32)")),
+    }
 }
 
 #[derive(Args)]
@@ -211,12 +227,28 @@ fn load_progress() -> mipha_models::LoadProgress {
     })
 }
 
-fn load(m: &ModelArgs, max_outputs: usize, max_batch_tokens: usize) -> Result<Engine, String> {
+fn load(
+    m: &ModelArgs,
+    max_outputs: usize,
+    max_batch_tokens: usize,
+    kv_dtype: KvDtype,
+) -> Result<Engine, String> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if m.threads > 4 * threads.max(64) {
+        return Err(format!(
+            "--threads {} is far more than this machine's {threads} cores",
+            m.threads
+        ));
+    }
     let opts = EngineOptions {
         threads: m.threads,
         device: m.device,
         max_outputs,
         max_batch_tokens,
+        kv_cache: KvCacheSize::Mib(
+            usize::try_from(m.kv_cache_mb).map_err(|_| "--kv-cache-mb is too large")?,
+        ),
+        kv_dtype: m.kv_dtype.unwrap_or(kv_dtype),
         progress: Some(load_progress()),
         ..EngineOptions::default()
     };
@@ -228,7 +260,7 @@ fn load(m: &ModelArgs, max_outputs: usize, max_batch_tokens: usize) -> Result<En
 
 fn run(a: RunArgs) -> CliResult {
     let (opts, seed) = a.gen.options()?;
-    let engine = Arc::new(load(&a.model, 1, 512)?);
+    let engine = Arc::new(load(&a.model, 1, 512, KvDtype::F16)?);
     let mut session = Session::new(engine.clone());
     for path in &a.images {
         session.attach_image(path)?;
@@ -280,7 +312,7 @@ fn run(a: RunArgs) -> CliResult {
 
 fn chat_cmd(a: ChatArgs) -> CliResult {
     let (gen, _) = a.gen.options()?;
-    let engine = Arc::new(load(&a.model, 1, 512)?);
+    let engine = Arc::new(load(&a.model, 1, 512, KvDtype::F16)?);
     chat::chat(
         engine,
         chat::ChatOptions {
@@ -324,7 +356,7 @@ fn stats_line(st: &TurnStats, stop: StopReason) -> String {
 }
 
 fn logits(a: LogitsArgs) -> CliResult {
-    let engine = load(&a.model, 64, 64)?;
+    let engine = load(&a.model, 64, 64, KvDtype::F32)?;
     let segments = if a.raw {
         raw_segments(
             &a.prompt,

@@ -44,11 +44,13 @@ pub mod tokenizer;
 
 pub use config::{PhiConfig, VisionConfig};
 pub use engine::{
-    CancelToken, DecodeStep, Decoder, Engine, EngineOptions, GenerateOptions, Generation,
-    ImageEmbeddings, Logits, StopReason, TextDecoder, Timings,
+    CancelToken, EncodeStats, Engine, EngineOptions, EngineStats, Finished, GenerateOptions,
+    GenerateRequest, Generating, Generation, ImageEmbeddings, ImageEmbeds, KvCacheSize, Logits,
+    PromptItem, RequestStats, SessionSlot, StopReason, StreamEvent, TextDecoder, Timings,
+    STREAM_WINDOW,
 };
-pub use mipha_runtime::{DeviceChoice, LoadProgress};
+pub use mipha_runtime::{DeviceChoice, KvDtype, LoadProgress};
 pub use sampling::{Sampler, SamplingParams};
-pub use session::{ImageEmbeds, Reply, Session, TurnStats};
+pub use session::{Reply, Session, TurnStats};
 pub use template::{ChatTemplate, Segment, Turn};
 pub use tokenizer::{MiphaTokenizer, PromptId, TokenBytes};

@@ -1,24 +1,23 @@
-//! A conversation with its own KV cache: images attach to the next question,
-//! each turn feeds only what the cache does not hold yet, answers stream.
+//! A conversation: images attach to the next question, each turn is rendered
+//! whole and queued on the engine, answers stream back on the caller's thread.
+//!
+//! The session's KV is parked in the engine between turns, so a follow-up
+//! computes only what the cache does not hold yet (and the prefix cache covers
+//! what another session already computed). When the engine needs the memory,
+//! it takes parked KV back first; the next turn then recomputes what is gone.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mipha_runtime::{Error, Input, Result, SeqId};
+use mipha_runtime::{Error, Result};
 
-use crate::engine::{CancelToken, Engine, GenerateOptions, ImageEmbeddings, Logits, StopReason};
+use crate::engine::{
+    CancelToken, Engine, GenerateOptions, GenerateRequest, PromptItem, SessionSlot, StopReason,
+};
+pub use crate::engine::{ImageEmbeddings, ImageEmbeds};
 use crate::template::Turn;
 use crate::tokenizer::PromptId;
-
-/// An image's projected embeddings, `[num_patches, hidden]`, shared through the
-/// engine's cache (on the GPU when the engine runs there).
-#[derive(Clone, Debug)]
-pub struct ImageEmbeds {
-    /// content hash of the decoded pixels (the cache key)
-    pub key: u128,
-    pub embeds: ImageEmbeddings,
-}
 
 /// Where the time of one turn went.
 #[derive(Clone, Debug, Default)]
@@ -29,15 +28,19 @@ pub struct TurnStats {
     pub image_encode: Duration,
     pub images_encoded: usize,
     pub images_cached: usize,
-    /// positions fed to the model for this turn (image patches included)
+    /// positions computed for this turn's prompt (image patches included)
     pub prefill_positions: usize,
     /// positions already in the KV cache and reused
     pub reused_positions: usize,
+    /// waiting in the engine's queue behind other requests
+    pub queued: Duration,
     pub prefill: Duration,
     /// from the start of the turn to the first token
     pub time_to_first_token: Duration,
     pub decode_tokens: usize,
     pub decode: Duration,
+    /// times the answer gave its KV up to others and was recomputed
+    pub preemptions: usize,
 }
 
 impl TurnStats {
@@ -69,36 +72,30 @@ pub struct Reply {
     pub stats: TurnStats,
 }
 
-/// A conversation. Holds a sequence of the engine's paged KV cache for its
-/// whole life, so a follow-up question costs only its own new tokens.
+/// A conversation with its own KV in the engine.
 pub struct Session {
     engine: Arc<Engine>,
-    seq: SeqId,
+    /// the engine's name for this session's parked KV
+    slot: u64,
     turns: Vec<Turn>,
     /// every image of the conversation, in order of appearance
     images: Vec<ImageEmbeds>,
     /// images attached for the next question
     pending: Vec<ImageEmbeds>,
     pending_stats: TurnStats,
-    /// what the KV cache holds, in order
-    fed: Vec<PromptId>,
-    /// ids so far, for the repetition penalty
-    history: Vec<u32>,
     logits: Vec<f32>,
 }
 
 impl Session {
     pub fn new(engine: Arc<Engine>) -> Self {
-        let seq = engine.new_sequence();
+        let slot = engine.new_slot();
         Session {
             engine,
-            seq,
+            slot,
             turns: Vec::new(),
             images: Vec::new(),
             pending: Vec::new(),
             pending_stats: TurnStats::default(),
-            fed: Vec::new(),
-            history: Vec::new(),
             logits: Vec::new(),
         }
     }
@@ -111,9 +108,10 @@ impl Session {
         &self.turns
     }
 
-    /// Positions this conversation holds in the KV cache.
+    /// Positions this conversation holds in the KV cache now (0 once the
+    /// engine took them back for others).
     pub fn cached_positions(&self) -> usize {
-        self.engine.sequence_len(self.seq).unwrap_or(0)
+        self.engine.slot_len(self.slot)
     }
 
     /// Images waiting for the next question.
@@ -138,7 +136,8 @@ impl Session {
     }
 
     /// Attaches preprocessed pixels (CHW, the model's image size) to the next
-    /// question. Identical pictures are encoded once per engine.
+    /// question. Identical pictures are encoded once per engine; other
+    /// sessions' answers keep streaming while this one is encoded.
     pub fn attach_pixels(&mut self, pixels: &[f32], key: u128) -> Result<()> {
         let t = Instant::now();
         let (embeds, cached) = self.engine.encode_image_keyed(pixels, key)?;
@@ -153,16 +152,15 @@ impl Session {
         Ok(())
     }
 
-    /// Forgets the conversation (and any pending images); keeps the engine.
+    /// Forgets the conversation (and any pending images) and gives its KV back;
+    /// keeps the engine.
     pub fn reset(&mut self) {
         self.turns.clear();
         self.images.clear();
         self.pending.clear();
         self.pending_stats = TurnStats::default();
-        self.fed.clear();
-        self.history.clear();
-        // Truncating a live sequence only fails for an unknown id, which ours is not.
-        let _ = self.engine.truncate_sequence(self.seq, 0);
+        self.logits.clear();
+        self.engine.release_slot(self.slot);
     }
 
     /// Restores a conversation (e.g. loaded from storage) without running it;
@@ -182,20 +180,17 @@ impl Session {
     }
 
     /// Asks `question` (with the pending images) and streams the answer through
-    /// `on_token`. Cancelling through `cancel`, the deadline in `opts` or
-    /// `on_token` returning false ends the answer early; what was said so far
-    /// stays in the conversation. On an error the question is withdrawn and the
-    /// session is as before.
-    ///
-    /// `on_token` runs on one of the engine's threads while the engine is held
-    /// for the answer (see [`Engine::decode_with`]): it must be `Send` and must not
-    /// call into the engine. The answer's decode steps do not allocate.
+    /// `on_token`, on this thread. Cancelling through `cancel`, the deadline in
+    /// `opts` or `on_token` returning false ends the answer early; what was said
+    /// so far stays in the conversation (an answer stopped before its first
+    /// token withdraws the question, and its images wait for the next one). On
+    /// an error the question is withdrawn and the session is as before.
     pub fn ask(
         &mut self,
         question: &str,
         opts: &GenerateOptions,
         cancel: Option<&CancelToken>,
-        on_token: impl FnMut(u32, &str) -> bool + Send,
+        on_token: impl FnMut(u32, &str) -> bool,
     ) -> Result<Reply> {
         opts.sampling.validate().map_err(Error::Config)?;
         let start = Instant::now();
@@ -208,184 +203,83 @@ impl Session {
         });
         let n_images_before = self.images.len();
         self.images.extend(pending);
-        let mut stats = image_stats.clone();
-        match self.prefill(cancel, &mut stats) {
-            Ok(true) => {}
-            Ok(false) => {
-                // Cancelled before the first token: the question is withdrawn and
-                // its images wait for the next one.
-                self.turns.pop();
-                self.pending = self.images.drain(n_images_before..).collect();
-                self.pending_stats = image_stats;
-                stats.time_to_first_token = start.elapsed();
-                return Ok(Reply {
-                    prompt: Vec::new(),
-                    tokens: Vec::new(),
-                    text: String::new(),
-                    stop_reason: StopReason::Cancelled,
-                    stats,
-                });
-            }
+        let asked = self.render().and_then(|(ids, prompt)| {
+            let g = self.engine.submit(GenerateRequest {
+                prompt,
+                options: opts.clone(),
+                cancel: cancel.cloned(),
+                logits: false,
+                last_logits: true,
+                session: Some(SessionSlot(self.slot)),
+            })?;
+            Ok((ids, g.for_each(on_token)?))
+        });
+        let withdraw = |s: &mut Self| {
+            s.turns.pop();
+            s.pending = s.images.drain(n_images_before..).collect();
+            s.pending_stats = image_stats.clone();
+        };
+        let (ids, f) = match asked {
+            Ok(x) => x,
             Err(e) => {
-                self.turns.pop();
-                self.pending = self.images.drain(n_images_before..).collect();
-                self.pending_stats = image_stats;
-                return Err(e);
-            }
-        }
-        let prompt = self.fed.clone();
-        let mut first = true;
-        let mut on_token = on_token;
-        let engine = self.engine.clone();
-        let decoded = engine.decode(
-            self.seq,
-            &mut self.logits,
-            &mut self.history,
-            opts,
-            cancel,
-            |id, piece| {
-                if first {
-                    stats.time_to_first_token = start.elapsed();
-                    first = false;
-                }
-                on_token(id, piece)
-            },
-        );
-        let d = match decoded {
-            Ok(d) => d,
-            Err(e) => {
-                // Keep the conversation consistent with the cache: forget the turn.
-                self.turns.pop();
-                self.images.truncate(n_images_before);
-                self.resync()?;
+                withdraw(self);
                 return Err(e);
             }
         };
-        if first {
-            stats.time_to_first_token = start.elapsed();
+        let mut stats = image_stats.clone();
+        stats.prefill_positions = f.stats.prefill_positions;
+        stats.reused_positions = f.stats.reused_positions;
+        stats.queued = f.stats.queued;
+        stats.prefill = f.stats.prefill;
+        stats.preemptions = f.stats.preemptions;
+        stats.time_to_first_token = match f.tokens.is_empty() {
+            true => start.elapsed(),
+            false => start.elapsed().saturating_sub(f.stats.decode),
+        };
+        stats.decode_tokens = f.tokens.len();
+        stats.decode = f.stats.decode;
+        if let Some(l) = f.last_logits {
+            self.logits = l;
         }
-        self.fed
-            .extend(d.tokens[..d.fed].iter().map(|&t| PromptId::Token(t)));
-        stats.decode_tokens = d.tokens.len();
-        stats.decode = d.elapsed;
-        self.turns.last_mut().expect("pushed above").assistant = Some(d.text.trim().to_string());
+        let stopped_early = matches!(f.stop, StopReason::Cancelled | StopReason::Deadline);
+        if f.tokens.is_empty() && stopped_early {
+            withdraw(self);
+        } else {
+            self.turns.last_mut().expect("pushed above").assistant =
+                Some(f.text.trim().to_string());
+        }
         Ok(Reply {
-            prompt,
-            tokens: d.tokens,
-            text: d.text,
-            stop_reason: d.stop,
+            prompt: ids,
+            tokens: f.tokens,
+            text: f.text,
+            stop_reason: f.stop,
             stats,
         })
     }
 
-    /// Feeds the rendered conversation past what the cache already holds, leaving
-    /// the last position's logits. Returns false if cancelled.
-    fn prefill(&mut self, cancel: Option<&CancelToken>, stats: &mut TurnStats) -> Result<bool> {
-        let engine = self.engine.clone();
-        let segments = engine.template().render(&self.turns);
-        let ids = engine.tokenizer().encode_segments(&segments)?;
-        let common = self
-            .fed
+    /// The conversation as the model reads it: ids, and the prompt items
+    /// (pictures in place of their slots).
+    fn render(&self) -> Result<(Vec<PromptId>, Vec<PromptItem>)> {
+        let segments = self.engine.template().render(&self.turns);
+        let ids = self.engine.tokenizer().encode_segments(&segments)?;
+        let items = ids
             .iter()
-            .zip(&ids)
-            .take_while(|(a, b)| self.same(a, b))
-            .count()
-            // the last position must be fed again to get its logits
-            .min(ids.len() - 1);
-        let keep = self.positions(&self.fed[..common]);
-        if common < self.fed.len() {
-            engine.truncate_sequence(self.seq, keep)?;
-            self.fed.truncate(common);
-        }
-        let total = keep + self.positions(&ids[common..]);
-        if total > engine.context_length() {
-            return Err(Error::ContextOverflow {
-                tokens: total,
-                max: engine.context_length(),
-            });
-        }
-        let mut inputs = Vec::new();
-        for id in &ids[common..] {
-            match id {
-                PromptId::Token(t) => inputs.push(Input::Token(*t)),
-                PromptId::Image(i) => {
-                    let img = self.images.get(*i).ok_or_else(|| {
-                        Error::Other(format!("the prompt names image {i}, which is not attached"))
-                    })?;
-                    let h = engine.config().hidden_size;
-                    img.embeds.push_inputs(h, &mut inputs);
-                }
-            }
-        }
-        stats.reused_positions = keep;
-        stats.prefill_positions = inputs.len();
-        let t = Instant::now();
-        let chunk = engine.options().max_batch_tokens;
-        for part in inputs.chunks(chunk) {
-            if cancel.is_some_and(|c| c.is_cancelled()) {
-                engine.truncate_sequence(self.seq, keep)?;
-                stats.prefill = t.elapsed();
-                return Ok(false);
-            }
-            if let Err(e) = engine.forward(self.seq, part, Logits::Last, &mut self.logits, None) {
-                engine.truncate_sequence(self.seq, keep)?;
-                return Err(e);
-            }
-        }
-        stats.prefill = t.elapsed();
-        self.history = ids
-            .iter()
-            .filter_map(|id| match id {
-                PromptId::Token(t) => Some(*t),
-                PromptId::Image(_) => None,
-            })
-            .collect();
-        self.fed = ids;
-        Ok(true)
-    }
-
-    fn same(&self, a: &PromptId, b: &PromptId) -> bool {
-        match (a, b) {
-            (PromptId::Token(x), PromptId::Token(y)) => x == y,
-            (PromptId::Image(x), PromptId::Image(y)) => {
-                x == y && self.images.get(*x).map(|i| i.key) == self.images.get(*y).map(|i| i.key)
-            }
-            _ => false,
-        }
-    }
-
-    fn positions(&self, ids: &[PromptId]) -> usize {
-        let patches = self
-            .engine
-            .vision_config()
-            .map(|v| v.num_patches())
-            .unwrap_or(0);
-        ids.iter()
             .map(|id| match id {
-                PromptId::Token(_) => 1,
-                PromptId::Image(_) => patches,
+                PromptId::Token(t) => Ok(PromptItem::Token(*t)),
+                PromptId::Image(i) => self
+                    .images
+                    .get(*i)
+                    .map(|img| PromptItem::Image(img.clone()))
+                    .ok_or_else(|| {
+                        Error::Other(format!("the prompt names image {i}, which is not attached"))
+                    }),
             })
-            .sum()
+            .collect::<Result<Vec<_>>>()?;
+        Ok((ids, items))
     }
 
-    /// After a failed step: make the cache hold a prefix of `fed` again.
-    fn resync(&mut self) -> Result<()> {
-        let held = self.engine.sequence_len(self.seq)?;
-        let mut n = 0;
-        let mut pos = 0;
-        for id in &self.fed {
-            let p = self.positions(std::slice::from_ref(id));
-            if pos + p > held {
-                break;
-            }
-            pos += p;
-            n += 1;
-        }
-        self.fed.truncate(n);
-        self.engine.truncate_sequence(self.seq, pos)
-    }
-
-    /// Logits of the last fed position (what chose the latest token).
+    /// Logits of the last fed position (what chose the latest token), before
+    /// any penalty.
     pub fn last_logits(&self) -> &[f32] {
         &self.logits
     }
@@ -393,6 +287,6 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let _ = self.engine.release_sequence(self.seq);
+        self.engine.release_slot(self.slot);
     }
 }

@@ -172,6 +172,8 @@ impl SiglipVisionTower {
                 x: hidden,
                 name: format!("{TAP_HIDDEN}.{}", i + 1),
             });
+            // A layer is the unit the scheduler interleaves with decode steps.
+            g.mark_break();
         }
         self.mm_projector.forward(g, hidden, proj_hidden, out);
     }

@@ -1,16 +1,26 @@
 //! The CPU backend: executes a plan with the `mipha_kernels::cpu` kernels on a
 //! dedicated rayon pool, KV storage in host memory.
 
-use mipha_kernels::{cpu as k, KvView};
+use half::f16;
+use mipha_kernels::{cpu as k, KvDtype, KvElem, KvLayer, KvView};
 
 use crate::backend::{Backend, Capture, Input, Step};
 use crate::error::{Error, Result};
 use crate::graph::{BufId, Epilogue, GeluKind, Op, Plan, Rows, Weights};
 
 /// Host-memory K and V pools, `[n_blocks, block_size, kv_dim]` per layer.
+struct KvPools<E> {
+    k: Vec<Vec<E>>,
+    v: Vec<Vec<E>>,
+}
+
+enum KvStore {
+    F32(KvPools<f32>),
+    F16(KvPools<f16>),
+}
+
 struct KvStorage {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    store: KvStore,
     block_size: usize,
     n_blocks: usize,
     kv_dim: usize,
@@ -20,12 +30,16 @@ pub struct CpuBackend {
     pool: std::sync::Arc<rayon::ThreadPool>,
     threads: usize,
     buffers: Vec<Vec<f32>>,
+    /// each buffer's length, to restore one an interrupted step left taken
+    buffer_lens: Vec<usize>,
     /// true for buffers that hold only the step's output rows
     output_rows: Vec<bool>,
     /// gathered input rows of a `Rows::Outputs` matmul
     gather: Vec<f32>,
+    gather_len: usize,
     /// results of an accumulating matmul over unpacked weights, before the add
     epilogue_scratch: Vec<f32>,
+    epilogue_len: usize,
     positions: Vec<usize>,
     kv: Option<KvStorage>,
     /// output buffer and length of the last step
@@ -36,11 +50,37 @@ pub struct CpuBackend {
     acts_of: Option<BufId>,
 }
 
-/// Size of the KV pool a backend allocates.
+/// Size and element type of the KV pool a backend allocates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvConfig {
     pub n_blocks: usize,
     pub block_size: usize,
+    pub dtype: KvDtype,
+}
+
+/// A zero-filled vector of `n` elements, or a clear error when the memory is
+/// not there (instead of the abort of `vec!`). The pages are the allocator's
+/// zeroed ones: untouched memory costs nothing until written.
+pub(crate) fn zeroed<T: bytemuck::Zeroable>(n: usize, what: &str) -> Result<Vec<T>> {
+    if n == 0 || std::mem::size_of::<T>() == 0 {
+        return Ok(Vec::new());
+    }
+    let too_big = || {
+        Error::Other(format!(
+            "cannot allocate {what}: {n} elements of {} bytes",
+            std::mem::size_of::<T>()
+        ))
+    };
+    let layout = std::alloc::Layout::array::<T>(n).map_err(|_| too_big())?;
+    // SAFETY: the layout has a non-zero size; a zeroed `T` is valid
+    // (`Zeroable`), and the vector takes the allocation with its layout.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout) as *mut T;
+        if p.is_null() {
+            return Err(too_big());
+        }
+        Ok(Vec::from_raw_parts(p, n, n))
+    }
 }
 
 impl CpuBackend {
@@ -90,15 +130,19 @@ impl CpuBackend {
                 gather_width = gather_width.max(plan.buffer(*x).width);
             }
         }
-        let buffers = plan
-            .buffers
+        let mut buffer_lens = Vec::with_capacity(plan.buffers.len());
+        for (b, &o) in plan.buffers.iter().zip(&output_rows) {
+            let rows = if o { plan.max_outputs } else { plan.max_tokens };
+            let len = rows
+                .checked_mul(b.width)
+                .ok_or_else(|| Error::Other(format!("buffer `{}` size overflows", b.name)))?;
+            buffer_lens.push(len);
+        }
+        let buffers = buffer_lens
             .iter()
-            .zip(&output_rows)
-            .map(|(b, &o)| {
-                let rows = if o { plan.max_outputs } else { plan.max_tokens };
-                vec![0.0f32; rows * b.width]
-            })
-            .collect();
+            .zip(&plan.buffers)
+            .map(|(&len, b)| zeroed(len, &format!("activation buffer `{}`", b.name)))
+            .collect::<Result<Vec<_>>>()?;
         let kv = match (plan.kv, kv) {
             (Some(shape), Some(cfg)) => {
                 let elems = cfg
@@ -106,9 +150,33 @@ impl CpuBackend {
                     .checked_mul(cfg.block_size)
                     .and_then(|n| n.checked_mul(shape.kv_dim))
                     .ok_or_else(|| Error::Other("KV cache size overflows".into()))?;
+                let what = format!(
+                    "the KV cache ({} blocks of {} positions, {})",
+                    cfg.n_blocks,
+                    cfg.block_size,
+                    cfg.dtype.name()
+                );
+                fn pools<E: bytemuck::Zeroable>(
+                    layers: usize,
+                    elems: usize,
+                    what: &str,
+                ) -> Result<KvPools<E>> {
+                    let layer = || {
+                        (0..layers)
+                            .map(|_| zeroed::<E>(elems, what))
+                            .collect::<Result<Vec<_>>>()
+                    };
+                    Ok(KvPools {
+                        k: layer()?,
+                        v: layer()?,
+                    })
+                }
+                let store = match cfg.dtype {
+                    KvDtype::F32 => KvStore::F32(pools(shape.n_layers, elems, &what)?),
+                    KvDtype::F16 => KvStore::F16(pools(shape.n_layers, elems, &what)?),
+                };
                 Some(KvStorage {
-                    k: (0..shape.n_layers).map(|_| vec![0.0; elems]).collect(),
-                    v: (0..shape.n_layers).map(|_| vec![0.0; elems]).collect(),
+                    store,
                     block_size: cfg.block_size,
                     n_blocks: cfg.n_blocks,
                     kv_dim: shape.kv_dim,
@@ -121,19 +189,49 @@ impl CpuBackend {
             }
             (None, _) => None,
         };
+        let gather_len = plan.max_outputs * gather_width;
+        let epilogue_len = plan.max_tokens * accumulate_width;
         Ok(CpuBackend {
             pool,
             threads,
             buffers,
+            buffer_lens,
             output_rows,
-            gather: vec![0.0; plan.max_outputs * gather_width],
-            epilogue_scratch: vec![0.0; plan.max_tokens * accumulate_width],
+            gather: zeroed(gather_len, "the output-row gather buffer")?,
+            gather_len,
+            epilogue_scratch: zeroed(epilogue_len, "the epilogue buffer")?,
+            epilogue_len,
             positions: Vec::with_capacity(plan.max_tokens),
             kv,
             last_output: None,
             acts: k::QuantizedActs::default(),
             acts_of: None,
         })
+    }
+
+    /// The KV pool's element type, when the plan has one.
+    pub fn kv_dtype(&self) -> Option<KvDtype> {
+        self.kv.as_ref().map(|kv| match kv.store {
+            KvStore::F32(_) => KvDtype::F32,
+            KvStore::F16(_) => KvDtype::F16,
+        })
+    }
+
+    /// Gives back buffers a step that panicked left taken (an op holds its
+    /// output buffer while it runs), so one failed step does not fail the next.
+    fn restore_buffers(&mut self) -> Result<()> {
+        for (i, b) in self.buffers.iter_mut().enumerate() {
+            if b.len() != self.buffer_lens[i] {
+                *b = zeroed(self.buffer_lens[i], "an activation buffer")?;
+            }
+        }
+        if self.gather.len() != self.gather_len {
+            self.gather = zeroed(self.gather_len, "the output-row gather buffer")?;
+        }
+        if self.epilogue_scratch.len() != self.epilogue_len {
+            self.epilogue_scratch = zeroed(self.epilogue_len, "the epilogue buffer")?;
+        }
+        Ok(())
     }
 
     pub fn threads(&self) -> usize {
@@ -159,14 +257,15 @@ impl CpuBackend {
         plan: &Plan,
         weights: &Weights,
         step: &Step,
+        ops: std::ops::Range<usize>,
         mut capture: Option<&mut (dyn Capture + '_)>,
     ) -> Result<()> {
         let n = step.inputs.len();
         let n_out = step.outputs.len();
         self.positions.clear();
-        self.positions.extend(step.first_pos..step.first_pos + n);
+        self.positions.extend(step.positions());
         self.acts_of = None;
-        for (i, op) in plan.ops.iter().enumerate() {
+        for (i, op) in plan.ops.iter().enumerate().take(ops.end).skip(ops.start) {
             // Shared int8 activations stay valid across matmuls (which never
             // write their input); any other op may change the buffer.
             match op {
@@ -354,12 +453,8 @@ impl CpuBackend {
                             matmul(&xb[..m * kdim], m, &mut o[..m * w.rows]);
                         }
                         Rows::Outputs => {
+                            // (rows checked by Step::check)
                             for (j, &r) in step.outputs.iter().enumerate() {
-                                if r >= n {
-                                    return Err(Error::Other(format!(
-                                        "output row {r} is outside the step's {n} rows"
-                                    )));
-                                }
                                 self.gather[j * kdim..(j + 1) * kdim]
                                     .copy_from_slice(&xb[r * kdim..(r + 1) * kdim]);
                             }
@@ -420,39 +515,26 @@ impl CpuBackend {
                         .kv
                         .as_mut()
                         .ok_or_else(|| Error::Other("no KV cache".into()))?;
-                    let bs = kv.block_size;
-                    let table = step.kv_blocks(bs, kv.n_blocks)?;
-                    let d = kv.kv_dim;
-                    for i in 0..n {
-                        let pos = step.first_pos + i;
-                        let block = table[pos / bs] as usize;
-                        let slot = (block * bs + pos % bs) * d;
-                        kv.k[*layer][slot..slot + d]
-                            .copy_from_slice(&self.buffers[kb.0][i * d..(i + 1) * d]);
-                        kv.v[*layer][slot..slot + d]
-                            .copy_from_slice(&self.buffers[v.0][i * d..(i + 1) * d]);
-                    }
-                    let view = KvView {
-                        k: &kv.k[*layer],
-                        v: &kv.v[*layer],
-                        block_size: bs,
-                        block_table: step.block_table,
-                        kv_dim: d,
-                    };
+                    let (bs, d) = (kv.block_size, kv.kv_dim);
                     let width = n_heads * head_dim;
                     let mut o = std::mem::take(&mut self.buffers[out.0]);
-                    k::attention(
-                        &self.buffers[q.0][..n * width],
-                        n,
-                        *n_heads,
-                        *n_kv_heads,
-                        *head_dim,
-                        &view,
-                        step.first_pos,
-                        *causal,
-                        *scale,
-                        &mut o[..n * width],
-                    );
+                    let a = Attend {
+                        layer: *layer,
+                        block_size: bs,
+                        kv_dim: d,
+                        k: &self.buffers[kb.0][..n * d],
+                        v: &self.buffers[v.0][..n * d],
+                        q: &self.buffers[q.0][..n * width],
+                        n_heads: *n_heads,
+                        n_kv_heads: *n_kv_heads,
+                        head_dim: *head_dim,
+                        causal: *causal,
+                        scale: *scale,
+                    };
+                    match &mut kv.store {
+                        KvStore::F32(p) => a.run(p, step, &mut o[..n * width]),
+                        KvStore::F16(p) => a.run(p, step, &mut o[..n * width]),
+                    }
                     self.buffers[out.0] = o;
                 }
                 Op::Tap { x, name } => {
@@ -468,22 +550,87 @@ impl CpuBackend {
     }
 }
 
+/// One attention op over a step's sequences: their new K/V rows go into the
+/// pool (converted to its element type), then every row attends through its
+/// own sequence's block table.
+struct Attend<'a> {
+    layer: usize,
+    block_size: usize,
+    kv_dim: usize,
+    k: &'a [f32],
+    v: &'a [f32],
+    q: &'a [f32],
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    causal: bool,
+    scale: f32,
+}
+
+impl Attend<'_> {
+    fn run<E: KvElem>(&self, pools: &mut KvPools<E>, step: &Step, out: &mut [f32]) {
+        let (bs, d) = (self.block_size, self.kv_dim);
+        let (kp, vp) = (&mut pools.k[self.layer], &mut pools.v[self.layer]);
+        let mut row = 0;
+        for s in step.seqs {
+            for pos in s.first_pos..s.first_pos + s.rows {
+                let block = s.block_table[pos / bs] as usize;
+                let slot = (block * bs + pos % bs) * d;
+                let src = row * d..(row + 1) * d;
+                k::kv_store(&self.k[src.clone()], &mut kp[slot..slot + d]);
+                k::kv_store(&self.v[src], &mut vp[slot..slot + d]);
+                row += 1;
+            }
+        }
+        let layer = KvLayer {
+            k: &kp[..],
+            v: &vp[..],
+            block_size: bs,
+            kv_dim: d,
+        };
+        k::attention_batch(
+            self.q,
+            self.n_heads,
+            self.n_kv_heads,
+            self.head_dim,
+            &layer,
+            step.seqs,
+            self.causal,
+            self.scale,
+            out,
+        );
+    }
+}
+
 impl Backend for CpuBackend {
     fn name(&self) -> String {
         format!("cpu ({} threads)", self.threads)
     }
 
-    fn execute(
+    fn execute_ops(
         &mut self,
         plan: &Plan,
         weights: &Weights,
         step: &Step,
+        ops: std::ops::Range<usize>,
         capture: Option<&mut (dyn Capture + '_)>,
     ) -> Result<()> {
         step.check(plan)?;
+        if ops.end > plan.ops.len() || ops.start > ops.end {
+            return Err(Error::Other(format!(
+                "ops {ops:?} are outside the plan's {}",
+                plan.ops.len()
+            )));
+        }
+        if let Some(kv) = &self.kv {
+            if plan.kv.is_some() {
+                step.check_kv(kv.block_size, kv.n_blocks)?;
+            }
+        }
+        self.restore_buffers()?;
         // A clone of the Arc lets the closure borrow `self` mutably.
         let pool = self.pool.clone();
-        let result = pool.install(|| self.run_ops(plan, weights, step, capture));
+        let result = pool.install(|| self.run_ops(plan, weights, step, ops, capture));
         let rows = self.rows(plan.output, step.inputs.len(), step.outputs.len());
         self.last_output = Some((plan.output, rows * plan.buffer(plan.output).width));
         result

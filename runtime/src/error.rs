@@ -72,6 +72,12 @@ pub enum Error {
     ContextOverflow { tokens: usize, max: usize },
     #[error("unknown sequence id {0}")]
     UnknownSequence(u64),
+    /// The engine's request queue is full: try again later.
+    #[error("the engine is busy: {waiting} requests are waiting (at most {max})")]
+    Busy { waiting: usize, max: usize },
+    /// The caller cancelled the work (or its deadline passed) before it finished.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
     #[error("{0}")]
     Other(String),
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use mipha_kernels::cpu::PackedMatrix;
 pub use mipha_kernels::Epilogue;
-use mipha_kernels::QuantType;
+use mipha_kernels::{KvDtype, QuantType};
 
 use crate::error::{Error, Result};
 use crate::format::MqfFile;
@@ -141,8 +141,19 @@ pub struct WeightDesc {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvShape {
     pub n_layers: usize,
-    /// f32 elements of one position's K (or V) row in one layer
+    /// elements of one position's K (or V) row in one layer
     pub kv_dim: usize,
+}
+
+impl KvShape {
+    /// Bytes of one KV block of `block_size` positions across every layer, K
+    /// and V, or `None` when that overflows.
+    pub fn block_bytes(&self, block_size: usize, dtype: KvDtype) -> Option<usize> {
+        block_size
+            .checked_mul(self.kv_dim)?
+            .checked_mul(self.n_layers)?
+            .checked_mul(2 * dtype.size_bytes())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -159,11 +170,30 @@ pub struct Plan {
     /// the buffer holding the step's result
     pub output: BufId,
     pub kv: Option<KvShape>,
+    /// op indices where a long forward may pause between slices
+    /// ([`crate::Backend::execute_ops`]), e.g. after each encoder layer; sorted
+    pub breaks: Vec<usize>,
 }
 
 impl Plan {
     pub fn buffer(&self, id: BufId) -> &BufferDesc {
         &self.buffers[id.0]
+    }
+
+    /// The plan's ops cut at its breaks: ranges covering `0..ops.len()` in order.
+    pub fn slices(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        let ends = self
+            .breaks
+            .iter()
+            .copied()
+            .filter(|&b| b > 0 && b < self.ops.len())
+            .chain(std::iter::once(self.ops.len()));
+        let mut start = 0;
+        ends.filter_map(move |end| {
+            let r = start..end;
+            start = end;
+            (!r.is_empty()).then_some(r)
+        })
     }
 }
 
@@ -184,6 +214,7 @@ impl PlanBuilder {
                 input_width,
                 output: BufId(0),
                 kv: None,
+                breaks: Vec::new(),
             },
         }
     }
@@ -216,6 +247,14 @@ impl PlanBuilder {
 
     pub fn push(&mut self, op: Op) {
         self.plan.ops.push(op);
+    }
+
+    /// Marks the ops so far as a slice a scheduler may run on its own.
+    pub fn mark_break(&mut self) {
+        let at = self.plan.ops.len();
+        if self.plan.breaks.last() != Some(&at) {
+            self.plan.breaks.push(at);
+        }
     }
 
     pub fn set_kv(&mut self, kv: KvShape) {

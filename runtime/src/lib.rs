@@ -12,14 +12,14 @@ pub mod format;
 pub mod graph;
 pub mod kv;
 
-pub use backend::{Backend, Capture, Input, ResidentRows, Step};
+pub use backend::{Backend, Capture, Input, ResidentRows, SeqRows, Step};
 pub use cpu::{CpuBackend, KvConfig};
 pub use device::{DeviceChoice, Resolved};
 pub use error::{Error, Result};
 pub use format::{MetaValue, Metadata, MqfFile, MqfWriter, TensorInfo, TensorRef, TensorSpec};
 pub use graph::{
-    BindOptions, BufId, Epilogue, GeluKind, LoadProgress, Op, Plan, PlanBuilder, Rows, WeightId,
-    Weights,
+    BindOptions, BufId, Epilogue, GeluKind, KvShape, LoadProgress, Op, Plan, PlanBuilder, Rows,
+    WeightId, Weights,
 };
-pub use kv::{BlockPool, SeqId};
-pub use mipha_kernels::QuantType;
+pub use kv::{BlockHash, BlockPool, PosKey, SeqId};
+pub use mipha_kernels::{KvDtype, QuantType};

@@ -4,7 +4,8 @@
 use std::any::Any;
 
 use mipha_runtime::{
-    Backend, CpuBackend, Input, MqfFile, MqfWriter, Op, PlanBuilder, ResidentRows, Step, Weights,
+    Backend, CpuBackend, Input, MqfFile, MqfWriter, Op, PlanBuilder, ResidentRows, SeqRows, Step,
+    Weights,
 };
 
 #[derive(Debug)]
@@ -49,8 +50,11 @@ fn cpu_backend_refuses_device_rows() {
     }];
     let step = Step {
         inputs: &inputs,
-        first_pos: 0,
-        block_table: &[],
+        seqs: &[SeqRows {
+            rows: 1,
+            first_pos: 0,
+            block_table: &[],
+        }],
         outputs: &[],
     };
     let err = cpu.execute(&plan, &weights, &step, None).unwrap_err();

@@ -385,13 +385,19 @@ fn engine_with(mqf: &Path, int8_activations: bool) -> mipha_models::Engine {
     mipha_models::Engine::load(mqf, engine_options(int8_activations)).expect("load engine")
 }
 
+/// The options of [`conformance_engine`].
+pub fn conformance_options() -> mipha_models::EngineOptions {
+    engine_options(false)
+}
+
 fn engine_options(int8_activations: bool) -> mipha_models::EngineOptions {
     mipha_models::EngineOptions {
         threads: 2,
         max_batch_tokens: 16,
         max_outputs: 16,
         kv_block_size: 4,
-        max_sequences: 1,
+        // exact against the f32 oracle
+        kv_dtype: mipha_models::KvDtype::F32,
         verify: true,
         int8_activations,
         ..Default::default()

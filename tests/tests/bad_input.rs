@@ -55,7 +55,7 @@ fn a_full_kv_pool_fails_that_sequence_only() {
     let dir = tempfile::tempdir().unwrap();
     // One context's worth of blocks, shared by two sequences.
     let opts = EngineOptions {
-        max_sequences: 1,
+        kv_cache: mipha_models::KvCacheSize::Positions(2048),
         max_outputs: 1,
         ..EngineOptions::default()
     };

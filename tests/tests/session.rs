@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use mipha_models::{CancelToken, Engine, GenerateOptions, Session, StopReason, Turn};
+use mipha_models::{
+    CancelToken, Engine, EngineOptions, GenerateOptions, Session, StopReason, Turn,
+};
 use mipha_tests::*;
 
 fn engine(dir: &std::path::Path) -> Arc<Engine> {
@@ -77,29 +79,52 @@ fn a_second_turn_reuses_the_cache_and_equals_a_fresh_session() {
     );
     let reused = s.last_logits().to_vec();
 
-    // A fresh session given the same transcript computes everything from scratch.
-    let mut fresh = Session::new(e.clone());
+    // A fresh session given the same transcript on the same engine finds the
+    // conversation's full KV blocks in the shared prefix cache; on an engine
+    // without the prefix cache it computes everything from scratch. All three
+    // agree.
     let mut turns: Vec<Turn> = s.turns()[..1].to_vec();
     assert_eq!(turns[0].assistant.as_deref(), Some(first.text.trim()));
     turns[0].images = 1;
     let (embeds, cached) = e.encode_image_cached(pixels, 7).unwrap();
     assert!(cached, "the engine's LRU holds the image");
-    fresh
-        .restore(
-            turns,
-            vec![mipha_models::ImageEmbeds {
-                key: 7,
-                embeds: embeds.into(),
-            }],
+    let image = mipha_models::ImageEmbeds {
+        key: 7,
+        embeds: embeds.into(),
+    };
+    let mqf = convert(&fixture("tiny-a/checkpoint"), dir.path(), "f32", "f32");
+    let scratch = Arc::new(
+        Engine::load(
+            &mqf,
+            EngineOptions {
+                prefix_cache: false,
+                ..conformance_options()
+            },
         )
-        .unwrap();
-    let again = fresh
-        .ask("And the colours?", &greedy(1), None, |_, _| true)
-        .unwrap();
-    assert_eq!(again.stats.reused_positions, 0);
-    let d = max_abs_diff(&reused, fresh.last_logits());
-    assert!(d < 1e-4, "KV reuse changed the logits by {d}");
-    assert_eq!(again.tokens, second.tokens);
+        .unwrap(),
+    );
+    let block = e.options().kv_block_size;
+    for (engine, shared) in [(e.clone(), true), (scratch, false)] {
+        let mut fresh = Session::new(engine);
+        fresh.restore(turns.clone(), vec![image.clone()]).unwrap();
+        let again = fresh
+            .ask("And the colours?", &greedy(1), None, |_, _| true)
+            .unwrap();
+        let r = again.stats.reused_positions;
+        if shared {
+            assert!(
+                r > 0 && r.is_multiple_of(block),
+                "{r} positions from the prefix cache"
+            );
+            let prompt = second.stats.reused_positions + second.stats.prefill_positions;
+            assert!(r < prompt, "{r} of {prompt}");
+        } else {
+            assert_eq!(r, 0);
+        }
+        let d = max_abs_diff(&reused, fresh.last_logits());
+        assert!(d < 1e-4, "KV reuse changed the logits by {d}");
+        assert_eq!(again.tokens, second.tokens);
+    }
 }
 
 #[test]

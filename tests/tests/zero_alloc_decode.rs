@@ -1,14 +1,20 @@
-//! A decode step allocates nothing after warm-up: a counting global allocator sees
-//! every allocation and reallocation on every thread (the engine's rayon workers
-//! included) while decode steps run, greedy and sampled, on 2 and 3 threads, f32
-//! and Q8_0 weights, through [`Engine::decode_with`] / [`Decoder::step`] and through
-//! the loops users run ([`Engine::generate`], [`Session::ask`]), which use the same
-//! steps.
+//! Steady-state decode allocates nothing: a counting global allocator sees every
+//! allocation and reallocation on every thread (the step loop, the engine's
+//! rayon workers and the consumers' threads) while decode steps run, greedy and
+//! sampled, on 2 and 3 threads, f32 and Q8_0 weights, one sequence and several
+//! decoded together in batched steps, and through the loops users run
+//! ([`Engine::generate`], [`Session::ask`]).
 //!
-//! The steps measured span more than 63 tokens (rayon's injector allocates a block
-//! per 63 jobs sent into a pool from outside it) and many KV block boundaries
-//! (these engines page every 4 positions). One test goes on to the end of the
-//! context (past the length where decode attention splits over the sequence).
+//! The loop runs ahead of a stream's reader by at most [`STREAM_WINDOW`] tokens
+//! (flow control), so a reader at token `WARM_UP` knows the loop is past its
+//! request's first steps (admission, prefill: those allocate) and no further
+//! than `WARM_UP + STREAM_WINDOW`, and a reader at token `total - STREAM_WINDOW
+//! - 1` knows the loop has not yet ended the request. The window between those
+//! two points holds at least `MEASURED` steady-state steps of the loop.
+//!
+//! The steps measured span many KV block boundaries (these engines page every 4
+//! positions). One test goes on to the end of the context (past the length where
+//! decode attention splits over the sequence).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -16,9 +22,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use mipha_models::{
-    DecodeStep, Engine, EngineOptions, GenerateOptions, Logits, SamplingParams, Session, StopReason,
+    Engine, EngineOptions, GenerateOptions, GenerateRequest, PromptItem, SamplingParams, Session,
+    StopReason, StreamEvent, STREAM_WINDOW,
 };
-use mipha_runtime::Input;
 use mipha_tests::*;
 
 struct Counting;
@@ -134,6 +140,17 @@ static SERIAL: Mutex<()> = Mutex::new(());
 const WARM_UP: usize = 2;
 const MEASURED: usize = 100;
 
+/// Tokens a request makes so that `MEASURED` steady steps fall in the window.
+fn total_tokens() -> usize {
+    WARM_UP + 2 * STREAM_WINDOW + MEASURED + 1
+}
+
+/// The token at which a reader closes the window (the loop is then still
+/// running the request).
+fn closing(total: usize) -> usize {
+    total - STREAM_WINDOW - 1
+}
+
 fn sampled() -> SamplingParams {
     SamplingParams {
         temperature: 0.8,
@@ -148,7 +165,7 @@ fn sampled() -> SamplingParams {
 
 fn options(sampling: SamplingParams) -> GenerateOptions {
     GenerateOptions {
-        max_tokens: WARM_UP + MEASURED + 8,
+        max_tokens: total_tokens(),
         sampling,
         ignore_eos: true,
         ..Default::default()
@@ -167,103 +184,131 @@ fn engine(dir: &std::path::Path, quant: &str, threads: usize) -> Arc<Engine> {
     Arc::new(Engine::load(mqf, opts).expect("load engine"))
 }
 
-/// Prefills a chat prompt, then drives [`Decoder::step`] one step at a time:
-/// `WARM_UP` steps, then `measured` steps (`None`: to the end of the context)
-/// with the allocator counting.
+/// Runs `streams` requests at once, each read on a thread of its own, and
+/// counts allocations on every thread from the moment every reader is at token
+/// `WARM_UP` to the moment every reader is at its closing token. `tokens`:
+/// how many each makes (`None`: to the end of the context).
 fn steps_allocate_nothing(
-    engine: &Engine,
+    engine: &Arc<Engine>,
     sampling: SamplingParams,
-    measured: Option<usize>,
+    streams: usize,
+    tokens: Option<usize>,
     what: &str,
 ) {
-    let prompt = engine
-        .chat_prompt("Tell me a long story about a dragon.")
-        .unwrap();
-    let seq = engine.new_sequence();
-    let inputs: Vec<Input> = prompt.iter().map(|&t| Input::Token(t)).collect();
-    let mut logits = Vec::new();
-    engine
-        .forward(seq, &inputs, Logits::Last, &mut logits, None)
-        .unwrap();
-    let mut history = prompt.clone();
-    let room = engine.context_length() - prompt.len();
-    let steps = measured.unwrap_or(room);
-    let opts = GenerateOptions {
-        max_tokens: WARM_UP + steps,
-        ..options(sampling)
-    };
-    let (counted, produced, stop) = engine
-        .decode_with(seq, &mut logits, &mut history, &opts, None, |d| {
-            for _ in 0..WARM_UP {
-                assert!(matches!(d.step().unwrap(), DecodeStep::Token { .. }));
-            }
-            let window = Window::open();
-            let mut produced = 0;
-            let mut stop = None;
-            for _ in 0..steps + 1 {
-                match d.step() {
-                    Ok(DecodeStep::Token { .. }) => produced += 1,
-                    Ok(DecodeStep::Stop(s)) => {
-                        stop = Some(s);
-                        break;
-                    }
-                    Err(_) => break,
-                }
-            }
-            (window.close(), produced, stop)
+    let prompts: Vec<Vec<u32>> = (0..streams)
+        .map(|i| {
+            let words = ["a dragon", "the sea", "a robot", "a garden", "the moon"];
+            engine
+                .chat_prompt(&format!(
+                    "Tell me a long story about {}.",
+                    words[i % words.len()]
+                ))
+                .unwrap()
         })
-        .unwrap();
-    let positions = engine.sequence_len(seq).unwrap();
-    engine.release_sequence(seq).unwrap();
-    assert_none(&format!("{what}: {produced} decode steps"), counted);
-    match measured {
-        Some(n) => {
-            assert_eq!(produced, n, "{what}: every step gives a token");
-            assert_eq!(stop, Some(StopReason::MaxTokens));
-            assert_eq!(positions, prompt.len() + WARM_UP + n - 1);
-        }
-        None => {
-            assert_eq!(stop, Some(StopReason::ContextFull), "{what}");
-            assert_eq!(positions, engine.context_length() - 1, "{what}");
+        .collect();
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap();
+    let total = tokens.unwrap_or(engine.context_length() - longest);
+    assert!(closing(total) > WARM_UP + STREAM_WINDOW + MEASURED / 2);
+    let barrier = Arc::new(std::sync::Barrier::new(streams + 1));
+    let readers: Vec<_> = prompts
+        .into_iter()
+        .map(|prompt| {
+            let g = engine
+                .submit(GenerateRequest {
+                    prompt: prompt.iter().map(|&t| PromptItem::Token(t)).collect(),
+                    options: GenerateOptions {
+                        // to the end of the context: the context stops it first
+                        max_tokens: total + tokens.is_none() as usize,
+                        ..options(sampling.clone())
+                    },
+                    ..Default::default()
+                })
+                .unwrap();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut g = g;
+                let mut n = 0;
+                let stop = loop {
+                    match g.next_event().unwrap() {
+                        StreamEvent::Token { .. } => {
+                            n += 1;
+                            if n == WARM_UP || n == closing(total) {
+                                barrier.wait();
+                                barrier.wait();
+                            }
+                        }
+                        StreamEvent::Done(f) => break (f.stop, f.tokens.len(), prompt.len()),
+                    }
+                };
+                stop
+            })
+        })
+        .collect();
+    barrier.wait();
+    let window = Window::open();
+    barrier.wait();
+    barrier.wait();
+    let counted = window.close();
+    barrier.wait();
+    let ends: Vec<_> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    assert_none(
+        &format!(
+            "{what}: {streams} streams, {} tokens each after warm-up",
+            closing(total) - WARM_UP
+        ),
+        counted,
+    );
+    for (stop, produced, prompt) in ends {
+        match tokens {
+            Some(n) => {
+                assert_eq!(stop, StopReason::MaxTokens, "{what}");
+                assert_eq!(produced, n, "{what}");
+            }
+            None => {
+                assert_eq!(stop, StopReason::ContextFull, "{what}");
+                assert_eq!(prompt + produced, engine.context_length(), "{what}");
+            }
         }
     }
 }
 
-/// Counts the allocations between consecutive `on_token` calls of a user loop.
+/// Counts the allocations between a user loop's `on_token` calls `WARM_UP`
+/// and its closing token.
 struct PerToken {
-    marks: Vec<usize>,
+    n: usize,
+    total: usize,
+    open: Option<Window>,
+    counted: Option<Counted>,
 }
 
 impl PerToken {
     fn new() -> Self {
         PerToken {
-            marks: Vec::with_capacity(WARM_UP + MEASURED + 8),
+            n: 0,
+            total: total_tokens(),
+            open: None,
+            counted: None,
         }
     }
-    /// Called from `on_token`: opens the window at the end of warm-up.
+    /// Called from `on_token`.
     fn mark(&mut self) {
-        if self.marks.len() == WARM_UP {
-            std::mem::forget(Window::open());
+        self.n += 1;
+        if self.n == WARM_UP {
+            self.open = Some(Window::open());
+        } else if self.n == closing(self.total) {
+            self.counted = self.open.take().map(Window::close);
         }
-        self.marks
-            .push(ALLOCS.load(Ordering::SeqCst) + REALLOCS.load(Ordering::SeqCst));
     }
     fn check(self, what: &str) {
-        let c = Window.close();
-        assert!(
-            self.marks.len() > WARM_UP + MEASURED / 2,
-            "{what}: too short"
-        );
-        let between = self.marks.last().unwrap() - self.marks[WARM_UP];
+        let c = self
+            .counted
+            .unwrap_or_else(|| panic!("{what}: too short ({} tokens)", self.n));
         assert_none(
             &format!(
-                "{what}: between tokens {WARM_UP} and {} (whole window: {c:?})",
-                self.marks.len() - 1
+                "{what}: between tokens {WARM_UP} and {}",
+                closing(self.total)
             ),
-            Counted {
-                allocs: between,
-                reallocs: 0,
-            },
+            c,
         );
     }
 }
@@ -273,8 +318,14 @@ fn greedy_decode_steps_do_not_allocate() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let e = engine(dir.path(), "f32", 2);
-    let n = Some(MEASURED);
-    steps_allocate_nothing(&e, SamplingParams::default(), n, "greedy, f32, 2 threads");
+    let n = Some(total_tokens());
+    steps_allocate_nothing(
+        &e,
+        SamplingParams::default(),
+        1,
+        n,
+        "greedy, f32, 2 threads",
+    );
 }
 
 #[test]
@@ -282,7 +333,25 @@ fn sampled_decode_steps_do_not_allocate() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let e = engine(dir.path(), "f32", 2);
-    steps_allocate_nothing(&e, sampled(), Some(MEASURED), "sampled, f32, 2 threads");
+    let n = Some(total_tokens());
+    steps_allocate_nothing(&e, sampled(), 1, n, "sampled, f32, 2 threads");
+}
+
+/// Several sequences decoded together in every step.
+#[test]
+fn batched_decode_steps_do_not_allocate() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path(), "f32", 2);
+    let n = Some(total_tokens());
+    steps_allocate_nothing(
+        &e,
+        SamplingParams::default(),
+        4,
+        n,
+        "greedy, f32, 2 threads",
+    );
+    steps_allocate_nothing(&e, sampled(), 3, n, "sampled, f32, 2 threads");
 }
 
 /// Every KV block and every attention length up to the end of the context.
@@ -294,6 +363,7 @@ fn decode_steps_to_the_end_of_the_context_do_not_allocate() {
     steps_allocate_nothing(
         &e,
         SamplingParams::default(),
+        1,
         None,
         "greedy, f32, 2 threads",
     );
@@ -304,9 +374,15 @@ fn quantized_decode_steps_do_not_allocate() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let e = engine(dir.path(), "q8_0", 3);
-    let n = Some(MEASURED);
-    steps_allocate_nothing(&e, SamplingParams::default(), n, "greedy, q8_0, 3 threads");
-    steps_allocate_nothing(&e, sampled(), n, "sampled, q8_0, 3 threads");
+    let n = Some(total_tokens());
+    steps_allocate_nothing(
+        &e,
+        SamplingParams::default(),
+        1,
+        n,
+        "greedy, q8_0, 3 threads",
+    );
+    steps_allocate_nothing(&e, sampled(), 4, n, "sampled, q8_0, 3 threads, batched");
 }
 
 #[test]
@@ -326,7 +402,7 @@ fn generate_and_ask_do_not_allocate_between_tokens() {
         })
         .unwrap();
     per.check("Engine::generate, greedy");
-    assert_eq!(g.tokens.len(), WARM_UP + MEASURED + 8);
+    assert_eq!(g.tokens.len(), total_tokens());
 
     let mut s = Session::new(e.clone());
     for turn in ["Tell me a long story about a dragon.", "And then?"] {

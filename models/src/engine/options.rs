@@ -1,0 +1,161 @@
+//! What callers choose: how an engine is loaded and scheduled
+//! ([`EngineOptions`]), and how one answer is generated ([`GenerateOptions`]).
+
+use std::time::{Duration, Instant};
+
+use mipha_runtime::{DeviceChoice, KvDtype, LoadProgress};
+
+use crate::sampling::SamplingParams;
+
+/// How much memory the KV cache gets. Every sequence, running or parked,
+/// and the prefix cache share it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvCacheSize {
+    /// a byte budget in MiB (`--kv-cache-mb`)
+    Mib(usize),
+    /// room for this many positions in all, whatever they cost (as
+    /// llama.cpp's `-c`)
+    Positions(usize),
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// CPU threads; 0 = one per core
+    pub threads: usize,
+    /// most rows one forward step carries: decode rows of running sequences
+    /// plus chunks of prompts (longer prompts run over several steps)
+    pub max_batch_tokens: usize,
+    /// most rows of one step whose logits a [`crate::Engine::forward`] call with
+    /// [`crate::Logits::All`] gets back (conformance runs); generation needs one per
+    /// running sequence and is sized by `max_sequences`
+    pub max_outputs: usize,
+    /// positions per KV block (the unit of paging and of prefix caching)
+    pub kv_block_size: usize,
+    /// most sequences decoded together (continuous batching; llama.cpp's `-np`,
+    /// vLLM's `max_num_seqs`); later requests wait in the queue
+    pub max_sequences: usize,
+    /// most requests waiting to start; more are refused as busy
+    pub max_queue: usize,
+    /// the KV cache's size
+    pub kv_cache: KvCacheSize,
+    /// the KV cache's element type: f16 (default) halves memory and long-context
+    /// decode traffic; f32 is exact against an f32 oracle (conformance tests)
+    pub kv_dtype: KvDtype,
+    /// while sequences are decoding, prompt chunks are sized so that one step
+    /// (decode rows + chunk + a slice of a picture's encoding) takes about this
+    /// long: the inter-token gap running streams see while others start
+    pub step_target: Duration,
+    /// reuse the KV of identical prompt prefixes across requests (content-
+    /// addressed blocks)
+    pub prefix_cache: bool,
+    /// check every tensor checksum at load
+    pub verify: bool,
+    /// image embeddings kept for reuse (an LRU keyed by pixel content)
+    pub image_cache: usize,
+    /// Q8_0/Q4_0 weights multiply int8-quantized activations (per 32-block, as
+    /// llama.cpp does) through integer SIMD kernels on weights repacked at load.
+    /// Off: f32 activations against the weights in place (several times slower;
+    /// bit-for-bit the math of a dequantized-weights oracle, for conformance).
+    pub int8_activations: bool,
+    /// where the plans run: the CPU (default), a CUDA GPU, or `auto` (the GPU when
+    /// one is usable, else the CPU; [`crate::Engine::device`] says which)
+    pub device: DeviceChoice,
+    /// told how repacking (CPU) or uploading (GPU) the weights advances
+    pub progress: Option<LoadProgress>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            threads: 0,
+            max_batch_tokens: 512,
+            max_outputs: 1,
+            kv_block_size: 16,
+            max_sequences: 16,
+            max_queue: 256,
+            kv_cache: KvCacheSize::Mib(1024),
+            kv_dtype: KvDtype::F16,
+            step_target: Duration::from_millis(250),
+            prefix_cache: true,
+            verify: false,
+            image_cache: 8,
+            int8_activations: true,
+            device: DeviceChoice::Cpu,
+            progress: None,
+        }
+    }
+}
+
+/// How one answer is generated. Each request keeps its own options and seed:
+/// the same request gives the same tokens alone or batched with others.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// keep going past `<|endoftext|>`
+    pub ignore_eos: bool,
+    /// stop (with [`StopReason::Deadline`]) once this instant has passed, queued
+    /// or running
+    pub deadline: Option<Instant>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_tokens: 256,
+            sampling: SamplingParams::default(),
+            ignore_eos: false,
+            deadline: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// the model wrote `<|endoftext|>`
+    Eos,
+    MaxTokens,
+    /// the sequence filled the model's context (or the whole KV cache)
+    ContextFull,
+    /// the caller stopped it (or went away)
+    Cancelled,
+    /// the options' deadline passed
+    Deadline,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Eos => "eos",
+            StopReason::MaxTokens => "max_tokens",
+            StopReason::ContextFull => "context_full",
+            StopReason::Cancelled => "cancelled",
+            StopReason::Deadline => "deadline",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Timings {
+    pub prefill: Duration,
+    pub prefill_tokens: usize,
+    /// from the first sampled token to the end
+    pub decode: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub prompt_tokens: Vec<u32>,
+    /// generated ids, including a final `<|endoftext|>` when that stopped it
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub stop_reason: StopReason,
+    pub timings: Timings,
+}
+
+/// Which positions of a forward call return logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    Last,
+    All,
+}
