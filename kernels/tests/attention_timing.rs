@@ -231,6 +231,8 @@ fn attention_timings() {
         },
     ];
     shapes.extend([
+        phi_decode(48, 1, false),
+        phi_decode(48, 8, false),
         phi_decode(1024, 8, false),
         phi_decode(1024, 8, true),
         phi_decode(1024, 16, false),
