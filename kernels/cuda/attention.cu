@@ -1,12 +1,18 @@
 // Attention over a paged KV cache, the contract of reference::attention:
 //   q   [n_tokens, n_heads * D] f32, row i at sequence position first_pos + i
-//   K,V pools [slots, kv_dim] f32, kv_dim = n_kv_heads * D; position p lives at slot
+//   K,V pools [slots, kv_dim] of T (f32, or f16 as 16-bit words: read widened to
+//       f32), kv_dim = n_kv_heads * D; position p lives at slot
 //       block_table[p / block_size] * block_size + p % block_size
 //   row i attends keys 0..first_pos+i+1 (causal) or 0..first_pos+n_tokens (not)
 //   out [n_tokens, n_heads * D]
 // Scores and the online softmax are f32 throughout. D <= MAX_D.
 // (SigLIP's self-attention without a cache uses the same kernels with one block
-// covering the whole sequence.)
+// covering the whole sequence.) Each kernel is a template over the pool's element
+// type with one extern "C" entry per type: `name` for f32, `name_f16` for f16.
+//
+// The decode kernel also serves a batch (reference::attention_batch): rows of
+// several sequences, each row with its own position, its own block table (a start
+// into the step's concatenated tables) and its own sequence end.
 
 #define MAX_D 128
 #define DCH (MAX_D / WARP)  // head dims per lane
@@ -20,10 +26,13 @@ __device__ __forceinline__ long kv_slot(const u32 *table, int block_size, int t)
 // Flash-style prefill: grid (ceil(n_tokens / BQ), n_heads), 128 threads. Each block
 // stages its BQ query rows and, tile by tile, BK keys and values in shared memory;
 // each warp keeps the running max, sum and output of its 4 rows in registers.
-extern "C" __global__ void attn_prefill(const float *q, const float *kpool, const float *vpool,
-                                        const u32 *table, int block_size, int kv_dim,
-                                        int n_tokens, int n_heads, int n_kv_heads, int D,
-                                        int first_pos, int causal, float scale, float *out) {
+template <typename T>
+__device__ __forceinline__ void attn_prefill_body(const float *q, const T *kpool,
+                                                  const T *vpool, const u32 *table,
+                                                  int block_size, int kv_dim, int n_tokens,
+                                                  int n_heads, int n_kv_heads, int D,
+                                                  int first_pos, int causal, float scale,
+                                                  float *out) {
     __shared__ float q_s[BQ][MAX_D];
     __shared__ float k_s[BK][MAX_D + 1];
     __shared__ float v_s[BK][MAX_D];
@@ -56,8 +65,8 @@ extern "C" __global__ void attn_prefill(const float *q, const float *kpool, cons
             float kv = 0.0f, vv = 0.0f;
             if (t < kmax) {
                 long s = kv_slot(table, block_size, t) * kv_dim + kvh * D + d;
-                kv = kpool[s];
-                vv = vpool[s];
+                kv = kv_load(kpool, s);
+                vv = kv_load(vpool, s);
             }
             k_s[r][d] = kv;
             v_s[r][d] = vv;
@@ -106,17 +115,39 @@ extern "C" __global__ void attn_prefill(const float *q, const float *kpool, cons
     }
 }
 
+extern "C" __global__ void attn_prefill(const float *q, const float *kpool, const float *vpool,
+                                        const u32 *table, int block_size, int kv_dim,
+                                        int n_tokens, int n_heads, int n_kv_heads, int D,
+                                        int first_pos, int causal, float scale, float *out) {
+    attn_prefill_body(q, kpool, vpool, table, block_size, kv_dim, n_tokens, n_heads,
+                      n_kv_heads, D, first_pos, causal, scale, out);
+}
+
+extern "C" __global__ void attn_prefill_f16(const float *q, const u16 *kpool, const u16 *vpool,
+                                            const u32 *table, int block_size, int kv_dim,
+                                            int n_tokens, int n_heads, int n_kv_heads, int D,
+                                            int first_pos, int causal, float scale, float *out) {
+    attn_prefill_body(q, kpool, vpool, table, block_size, kv_dim, n_tokens, n_heads,
+                      n_kv_heads, D, first_pos, causal, scale, out);
+}
+
 // Paged decode, split over the sequence: grid (n_heads, n_splits, n_tokens), 128
 // threads. Block (h, s, i) covers keys [s * chunk, (s + 1) * chunk) of row i's range;
 // each warp takes 32 keys at a time (one per lane, read through the block table),
 // and the block writes its unnormalised partial (max, sum, out[D]) to
 // ws[((i * n_heads + h) * n_splits + s) * (D + 2)]. attn_decode_combine merges them.
-extern "C" __global__ void attn_decode_split(const float *q, const float *kpool,
-                                             const float *vpool, const u32 *table,
-                                             int block_size, int kv_dim, int n_tokens,
-                                             int n_heads, int n_kv_heads, int D, int first_pos,
-                                             const u32 *positions, int causal, float scale,
-                                             int chunk, float *ws) {
+//
+// Row i's position: positions[i] when given (device values: a replayed CUDA graph or
+// a batched step), else first_pos + i. Its block table: table + table_start[i] when
+// table_start is given (a batched step's tables, concatenated), else table. The
+// keys a non-causal row attends: seq_end[i] when given (its own sequence's end),
+// else the single sequence's end, positions[0] (or first_pos) + n_tokens.
+template <typename T>
+__device__ __forceinline__ void attn_decode_split_body(
+    const float *q, const T *kpool, const T *vpool, const u32 *table, int block_size,
+    int kv_dim, int n_tokens, int n_heads, int n_kv_heads, int D, int first_pos,
+    const u32 *positions, const u32 *table_start, const u32 *seq_end, int causal, float scale,
+    int chunk, float *ws) {
     __shared__ float q_s[MAX_D];
     __shared__ float wm[4], wl[4];
     __shared__ float wacc[4][MAX_D];
@@ -124,12 +155,12 @@ extern "C" __global__ void attn_decode_split(const float *q, const float *kpool,
     int kvh = h / (n_heads / n_kv_heads);
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     long qd = (long)n_heads * D;
-    // Row positions from the device (a replayed CUDA graph: the host writes them
-    // before each launch) or from first_pos. Splits past the row's keys write an
-    // empty partial (max -inf), which the combine skips, so the grid can be sized for
-    // the longest context once.
+    // Splits past the row's keys write an empty partial (max -inf), which the combine
+    // skips, so the grid can be sized for the longest context once.
     int p0 = positions ? (int)positions[0] : first_pos;
-    int limit = causal ? (positions ? (int)positions[i] : first_pos + i) + 1 : p0 + n_tokens;
+    int pos = positions ? (int)positions[i] : first_pos + i;
+    int limit = causal ? pos + 1 : (seq_end ? (int)seq_end[i] : p0 + n_tokens);
+    if (table_start) table += table_start[i];
     int start = split * chunk, end = min(start + chunk, limit);
 
     for (int d = threadIdx.x; d < D; d += blockDim.x) q_s[d] = q[i * qd + h * D + d];
@@ -145,7 +176,7 @@ extern "C" __global__ void attn_decode_split(const float *q, const float *kpool,
         float s = NEG_INF;
         if (valid) {
             float dot = 0.0f;
-            for (int d = 0; d < D; d++) dot += q_s[d] * kpool[base + d];
+            for (int d = 0; d < D; d++) dot += q_s[d] * kv_load(kpool, base + d);
             s = dot * scale;
         }
         float m_new = fmaxf(m, warp_max(s));
@@ -161,7 +192,7 @@ extern "C" __global__ void attn_decode_split(const float *q, const float *kpool,
 #pragma unroll
             for (int c = 0; c < DCH; c++) {
                 int d = lane + c * WARP;
-                if (d < D) acc[c] += pj * vpool[bj + d];
+                if (d < D) acc[c] += pj * kv_load(vpool, bj + d);
             }
         }
         m = m_new;
@@ -188,6 +219,31 @@ extern "C" __global__ void attn_decode_split(const float *q, const float *kpool,
     for (int d = threadIdx.x; d < D; d += blockDim.x)
         dst[2 + d] = wacc[0][d] * f[0] + wacc[1][d] * f[1] + wacc[2][d] * f[2] +
                      wacc[3][d] * f[3];
+}
+
+extern "C" __global__ void attn_decode_split(const float *q, const float *kpool,
+                                             const float *vpool, const u32 *table,
+                                             int block_size, int kv_dim, int n_tokens,
+                                             int n_heads, int n_kv_heads, int D, int first_pos,
+                                             const u32 *positions, const u32 *table_start,
+                                             const u32 *seq_end, int causal, float scale,
+                                             int chunk, float *ws) {
+    attn_decode_split_body(q, kpool, vpool, table, block_size, kv_dim, n_tokens, n_heads,
+                           n_kv_heads, D, first_pos, positions, table_start, seq_end, causal,
+                           scale, chunk, ws);
+}
+
+extern "C" __global__ void attn_decode_split_f16(const float *q, const u16 *kpool,
+                                                 const u16 *vpool, const u32 *table,
+                                                 int block_size, int kv_dim, int n_tokens,
+                                                 int n_heads, int n_kv_heads, int D,
+                                                 int first_pos, const u32 *positions,
+                                                 const u32 *table_start, const u32 *seq_end,
+                                                 int causal, float scale, int chunk,
+                                                 float *ws) {
+    attn_decode_split_body(q, kpool, vpool, table, block_size, kv_dim, n_tokens, n_heads,
+                           n_kv_heads, D, first_pos, positions, table_start, seq_end, causal,
+                           scale, chunk, ws);
 }
 
 // Merges the splits: grid (n_heads, n_tokens), 128 threads.

@@ -3,7 +3,7 @@
 // `extern "C"` so the Rust side loads it by its plain name.
 //
 // Storage formats, byte for byte as kernels/src/quant.rs defines them:
-//   F16/BF16: little-endian 16-bit words.
+//   F16/BF16: little-endian 16-bit words (f16 K/V pools too).
 //   Q8_0: 34-byte blocks of 32 elements: f16 d, then 32 x i8 q; value d * q.
 //   Q4_0: 18-byte blocks of 32 elements: f16 d, then 16 bytes; the low nibble of
 //         byte j is element j, the high nibble element j + 16; value d * (q - 8).
@@ -32,6 +32,14 @@ __device__ __forceinline__ u16 f2h(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+
+// K/V pool elements (KvDtype): f32, or IEEE f16 kept as raw 16-bit words. Stored
+// rounded to nearest even (cvt.rn, as half::f16::from_f32 on the CPU), read widened
+// exactly, so attention computes in f32 on the same values as the CPU's.
+__device__ __forceinline__ float kv_load(const float *p, long i) { return p[i]; }
+__device__ __forceinline__ float kv_load(const u16 *p, long i) { return h2f(p[i]); }
+__device__ __forceinline__ void kv_put(float *p, long i, float v) { p[i] = v; }
+__device__ __forceinline__ void kv_put(u16 *p, long i, float v) { p[i] = f2h(v); }
 
 __device__ __forceinline__ float bf2f(u16 b) {
     return __uint_as_float(((u32)b) << 16);

@@ -150,19 +150,36 @@ extern "C" __global__ void add_bias(float *out, const float *bias, long n, int c
         out[i] += bias[i % cols];
 }
 
-// Appends rows to a paged KV pool: row i of src ([n, d]) goes to the slot of
-// sequence position p = positions[i] (device positions, for replayed graphs) or
-// first_pos + i when positions is null (block_table[p / block_size] * block_size +
-// p % block_size). Grid-stride over n * d.
-extern "C" __global__ void kv_scatter(const float *src, float *pool, const u32 *table,
-                                      int block_size, int first_pos, const u32 *positions,
-                                      int n, int d) {
+// Appends rows to a paged KV pool: row i of src ([n, d]) goes to the slot of its
+// sequence position p -- positions[i] (device positions: replayed graphs, batched
+// steps) or first_pos + i when positions is null -- through its sequence's block
+// table: table + table_start[i] when table_start is given (a batched step's tables,
+// concatenated), else table. Slot: tab[p / block_size] * block_size + p % block_size.
+// f16 pools store each value rounded to nearest even. Grid-stride over n * d.
+template <typename T>
+__device__ __forceinline__ void kv_scatter_body(const float *src, T *pool, const u32 *table,
+                                                int block_size, int first_pos,
+                                                const u32 *positions, const u32 *table_start,
+                                                int n, int d) {
     long total = (long)n * d;
     for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total;
          e += (long)gridDim.x * blockDim.x) {
         int i = e / d, c = e % d;
         int p = positions ? (int)positions[i] : first_pos + i;
-        long slot = (long)table[p / block_size] * block_size + p % block_size;
-        pool[slot * d + c] = src[e];
+        const u32 *tab = table_start ? table + table_start[i] : table;
+        long slot = (long)tab[p / block_size] * block_size + p % block_size;
+        kv_put(pool, slot * d + c, src[e]);
     }
+}
+
+extern "C" __global__ void kv_scatter(const float *src, float *pool, const u32 *table,
+                                      int block_size, int first_pos, const u32 *positions,
+                                      const u32 *table_start, int n, int d) {
+    kv_scatter_body(src, pool, table, block_size, first_pos, positions, table_start, n, d);
+}
+
+extern "C" __global__ void kv_scatter_f16(const float *src, u16 *pool, const u32 *table,
+                                          int block_size, int first_pos, const u32 *positions,
+                                          const u32 *table_start, int n, int d) {
+    kv_scatter_body(src, pool, table, block_size, first_pos, positions, table_start, n, d);
 }

@@ -17,17 +17,22 @@
 //! - gemm (x and W rounded to f16, f32 sums): |err| <= (2^-10 + k 2^-23) S
 //!   + 1e-7 sum_i |x_i| + 1e-6
 //! - attention: |err| <= (2 e_s + 1e-5) max|v|, e_s = (D + 2) 2^-23 scale max_t
-//!   sum_d |q_d k_td| (score error, which exp turns into relative weight error)
+//!   sum_d |q_d k_td| (score error, which exp turns into relative weight error);
+//!   with f16 K/V pools the same bound, on the values as stored: the kernels widen
+//!   the very halves the reference reads, so storage adds no error between them
+//! - kv_scatter (f32 and f16 pools): bit for bit `reference::kv_store`
 
 #![cfg(feature = "cuda")]
 
 use std::sync::OnceLock;
 
+use half::f16;
 use mipha_kernels::cuda::{
-    decode_workspace_len, CudaError, Device, DeviceBuffer, DeviceKv, GeluKind,
+    decode_workspace_len, CudaError, Device, DeviceBuffer, DeviceKv, DeviceKvElem, DeviceKvLayer,
+    DeviceRows, GeluKind,
 };
 use mipha_kernels::quant::{dequantize_row, quantize_row};
-use mipha_kernels::{reference, KvView, QuantType, WeightView};
+use mipha_kernels::{reference, AttnSeq, KvElem, KvLayer, KvView, QuantType, WeightView};
 
 struct Rng(u64);
 
@@ -418,19 +423,102 @@ struct AttnCase {
     causal: bool,
 }
 
-fn attention_case(c: &AttnCase, decode: bool, rng: &mut Rng, dev: &Device) {
+/// K/V values as a pool of `E` holds them: f32 as they are, f16 rounded to
+/// nearest even (as `reference::kv_store` writes them).
+fn stored<E: KvElem>(x: &[f32]) -> Vec<E> {
+    let mut out = vec![E::default(); x.len()];
+    reference::kv_store(x, &mut out);
+    out
+}
+
+/// A pool of `E` on the device: f32 as is, f16 as its bits (`u16`).
+trait Upload: KvElem {
+    type Dev: DeviceKvElem;
+    fn upload(dev: &Device, x: &[Self]) -> DeviceBuffer<Self::Dev>;
+    fn download(dev: &Device, b: &DeviceBuffer<Self::Dev>) -> Vec<Self>;
+}
+
+impl Upload for f32 {
+    type Dev = f32;
+    fn upload(dev: &Device, x: &[f32]) -> DeviceBuffer<f32> {
+        dev.upload(x).unwrap()
+    }
+    fn download(dev: &Device, b: &DeviceBuffer<f32>) -> Vec<f32> {
+        dev.download(b).unwrap()
+    }
+}
+
+impl Upload for f16 {
+    type Dev = u16;
+    fn upload(dev: &Device, x: &[f16]) -> DeviceBuffer<u16> {
+        dev.upload(&x.iter().map(|h| h.to_bits()).collect::<Vec<_>>())
+            .unwrap()
+    }
+    fn download(dev: &Device, b: &DeviceBuffer<u16>) -> Vec<f16> {
+        let bits = dev.download(b).unwrap();
+        bits.into_iter().map(f16::from_bits).collect()
+    }
+}
+
+/// A random permutation of `0..n`.
+fn shuffled(rng: &mut Rng, n: usize) -> Vec<u32> {
+    let mut t: Vec<u32> = (0..n as u32).collect();
+    for i in (1..t.len()).rev() {
+        let j = rng.below(i + 1);
+        t.swap(i, j);
+    }
+    t
+}
+
+/// e_s of the attention bound for each (row, head): the score's rounding error.
+fn score_errors<E: KvElem>(
+    q: &[f32],
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    kv: &KvLayer<E>,
+    seqs: &[AttnSeq],
+    scale: f32,
+) -> Vec<f64> {
+    let group = n_heads / n_kv_heads;
+    let qd = n_heads * head_dim;
+    let mut e_s = Vec::new();
+    let mut row = 0;
+    for s in seqs {
+        let view = kv.view(s.block_table);
+        // the largest dot over every key of the sequence, causal or not (as the
+        // bound has always been taken)
+        let keys = s.first_pos + s.rows;
+        for r in row..row + s.rows {
+            for h in 0..n_heads {
+                let qh = &q[r * qd + h * head_dim..r * qd + (h + 1) * head_dim];
+                let kvh = h / group;
+                let max_dot = (0..keys)
+                    .map(|t| {
+                        let k = &view.key(t)[kvh * head_dim..(kvh + 1) * head_dim];
+                        qh.iter()
+                            .zip(k)
+                            .map(|(&a, &b)| (a as f64 * b.to_f32() as f64).abs())
+                            .sum::<f64>()
+                    })
+                    .fold(0.0, f64::max);
+                e_s.push((head_dim as f64 + 2.0) * 2f64.powi(-23) * scale as f64 * max_dot);
+            }
+        }
+        row += s.rows;
+    }
+    e_s
+}
+
+fn attention_case<E: Upload>(c: &AttnCase, decode: bool, rng: &mut Rng, dev: &Device) {
     let total = c.first_pos + c.n_tokens;
     let n_blocks = total.div_ceil(c.block_size) + 2;
     let kv_dim = c.n_kv_heads * c.head_dim;
     // a shuffled block table: positions are scattered over the pool
-    let mut table: Vec<u32> = (0..n_blocks as u32).collect();
-    for i in (1..table.len()).rev() {
-        let j = rng.below(i + 1);
-        table.swap(i, j);
-    }
+    let table = shuffled(rng, n_blocks);
     let slots = n_blocks * c.block_size;
-    let kp = rng.vec_normal(slots * kv_dim, 1.0);
-    let vp = rng.vec_normal(slots * kv_dim, 1.0);
+    let kp: Vec<E> = stored(&rng.vec_normal(slots * kv_dim, 1.0));
+    let vp: Vec<E> = stored(&rng.vec_normal(slots * kv_dim, 1.0));
     let q = rng.vec_normal(c.n_tokens * c.n_heads * c.head_dim, 1.0);
     let scale = 1.0 / (c.head_dim as f32).sqrt();
     let kv = KvView {
@@ -453,39 +541,40 @@ fn attention_case(c: &AttnCase, decode: bool, rng: &mut Rng, dev: &Device) {
         scale,
         &mut want,
     );
-    // per (row, head): the score error bound e_s
-    let group = c.n_heads / c.n_kv_heads;
-    let qd = c.n_heads * c.head_dim;
-    let mut e_s = vec![0.0f64; c.n_tokens * c.n_heads];
-    for i in 0..c.n_tokens {
-        for h in 0..c.n_heads {
-            let qh = &q[i * qd + h * c.head_dim..i * qd + (h + 1) * c.head_dim];
-            let kvh = h / group;
-            let max_dot = (0..total)
-                .map(|t| {
-                    let k = &kv.key(t)[kvh * c.head_dim..(kvh + 1) * c.head_dim];
-                    qh.iter()
-                        .zip(k)
-                        .map(|(&a, &b)| (a as f64 * b as f64).abs())
-                        .sum::<f64>()
-                })
-                .fold(0.0, f64::max);
-            e_s[i * c.n_heads + h] =
-                (c.head_dim as f64 + 2.0) * 2f64.powi(-23) * scale as f64 * max_dot;
-        }
-    }
-    let vmax = vp.iter().fold(0.0f64, |m, &v| m.max(v.abs() as f64));
+    let layer = KvLayer {
+        k: &kp[..],
+        v: &vp[..],
+        block_size: c.block_size,
+        kv_dim,
+    };
+    let seq = AttnSeq {
+        rows: c.n_tokens,
+        first_pos: c.first_pos,
+        block_table: &table,
+    };
+    let e_s = score_errors(
+        &q,
+        c.n_heads,
+        c.n_kv_heads,
+        c.head_dim,
+        &layer,
+        &[seq],
+        scale,
+    );
+    let vmax = vp
+        .iter()
+        .fold(0.0f64, |m, &v| m.max(v.to_f32().abs() as f64));
     let (dq, dk, dv, dt) = (
         dev.upload(&q).unwrap(),
-        dev.upload(&kp).unwrap(),
-        dev.upload(&vp).unwrap(),
+        E::upload(dev, &kp),
+        E::upload(dev, &vp),
         dev.upload(&table).unwrap(),
     );
     let dkv = DeviceKv {
         k: &dk,
         v: &dv,
         block_size: c.block_size,
-        block_table: &dt,
+        block_table: dt.as_view(),
         n_blocks,
         kv_dim,
     };
@@ -522,8 +611,9 @@ fn attention_case(c: &AttnCase, decode: bool, rng: &mut Rng, dev: &Device) {
     }
     let got = dev.download(&out).unwrap();
     let what = format!(
-        "attention {} T={} heads={}/{} D={} first_pos={} causal={}",
+        "attention {} {:?} T={} heads={}/{} D={} first_pos={} causal={}",
         if decode { "decode" } else { "prefill" },
+        E::DTYPE,
         c.n_tokens,
         c.n_heads,
         c.n_kv_heads,
@@ -543,7 +633,7 @@ fn attention_case(c: &AttnCase, decode: bool, rng: &mut Rng, dev: &Device) {
         long_table.resize(n_blocks + 40, 0);
         let dlt = dev.upload(&long_table).unwrap();
         let long = DeviceKv {
-            block_table: &dlt,
+            block_table: dlt.as_view(),
             n_blocks: long_table.len(),
             ..dkv
         };
@@ -624,7 +714,8 @@ fn flash_prefill_matches_reference() {
         },
     ];
     for c in &cases {
-        attention_case(c, false, &mut rng, dev);
+        attention_case::<f32>(c, false, &mut rng, dev);
+        attention_case::<f16>(c, false, &mut rng, dev);
     }
 }
 
@@ -664,7 +755,8 @@ fn paged_decode_matches_reference() {
         causal: false,
     });
     for c in &cases {
-        attention_case(c, true, &mut rng, dev);
+        attention_case::<f32>(c, true, &mut rng, dev);
+        attention_case::<f16>(c, true, &mut rng, dev);
     }
 }
 
@@ -701,57 +793,304 @@ fn missing_cuda_is_a_clear_error() {
     }
 }
 
-#[test]
-fn kv_scatter_places_rows_through_the_block_table() {
-    let Some(dev) = device() else { return };
-    let mut rng = Rng::new(seed("kv_scatter"));
-    let (block_size, n_blocks, kv_dim) = (4usize, 6usize, 24usize);
-    let mut table: Vec<u32> = (0..n_blocks as u32).collect();
-    for i in (1..table.len()).rev() {
-        let j = rng.below(i + 1);
-        table.swap(i, j);
+/// Bit patterns equal, or both NaN (a NaN's payload is not part of the contract).
+#[track_caller]
+fn same_bits<E: KvElem>(what: &str, got: &[E], want: &[E]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let (gf, wf) = (g.to_f32(), w.to_f32());
+        assert!(
+            bytemuck::bytes_of(&g) == bytemuck::bytes_of(&w) || (gf.is_nan() && wf.is_nan()),
+            "{what}: element {i}: got {gf} ({g:?}), want {wf} ({w:?})"
+        );
     }
+}
+
+fn kv_scatter_case<E: Upload>(rng: &mut Rng, dev: &Device) {
+    let (block_size, n_blocks, kv_dim) = (4usize, 6usize, 24usize);
+    let table = shuffled(rng, n_blocks);
     let (first_pos, n) = (3usize, 13usize);
-    let src = rng.vec_normal(n * kv_dim, 1.0);
-    let mut want = vec![f32::NAN; n_blocks * block_size * kv_dim];
+    let mut src = rng.vec_normal(n * kv_dim, 1.0);
+    // values whose f16 rounding is a corner: ties to even (1 + 2^-11 rounds down,
+    // 1 + 3 * 2^-11 up), overflow to inf, the largest half, subnormal halves, a
+    // value that rounds to zero, signed zero, infinities and NaN
+    let corners = [
+        1.0 + 2f32.powi(-11),
+        1.0 + 3.0 * 2f32.powi(-11),
+        65520.0,
+        -65519.0,
+        65504.0,
+        3.0e-6,
+        -6.0e-8,
+        2.0e-8,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+    ];
+    src[..corners.len()].copy_from_slice(&corners);
+    let poison = stored::<E>(&[f32::NAN])[0];
+    let mut want = vec![poison; n_blocks * block_size * kv_dim];
     for i in 0..n {
         let p = first_pos + i;
         let slot = table[p / block_size] as usize * block_size + p % block_size;
-        want[slot * kv_dim..(slot + 1) * kv_dim]
-            .copy_from_slice(&src[i * kv_dim..(i + 1) * kv_dim]);
+        reference::kv_store(
+            &src[i * kv_dim..(i + 1) * kv_dim],
+            &mut want[slot * kv_dim..(slot + 1) * kv_dim],
+        );
     }
-    let mut pool = poisoned(dev, want.len());
-    dev.kv_scatter(
-        &dev.upload(&src).unwrap(),
-        n,
-        kv_dim,
-        &mut pool,
-        &dev.upload(&table).unwrap(),
-        block_size,
-        first_pos,
-    )
-    .unwrap();
+    let dsrc = dev.upload(&src).unwrap();
+    let dtable = dev.upload(&table).unwrap();
+    let mut pool = E::upload(dev, &vec![poison; want.len()]);
+    dev.kv_scatter(&dsrc, n, kv_dim, &mut pool, &dtable, block_size, first_pos)
+        .unwrap();
     // the same through positions held on the device (graph replays)
     let positions: Vec<u32> = (0..n).map(|i| (first_pos + i) as u32).collect();
-    let mut pool2 = poisoned(dev, want.len());
+    let mut pool2 = E::upload(dev, &vec![poison; want.len()]);
     dev.kv_scatter_at(
-        &dev.upload(&src).unwrap(),
+        &dsrc,
         n,
         kv_dim,
         &mut pool2,
-        &dev.upload(&table).unwrap(),
+        &dtable,
         block_size,
         &dev.upload(&positions).unwrap(),
     )
     .unwrap();
+    // untouched slots keep their NaN, written ones are kv_store's, bit for bit
     for (what, pool) in [("kv_scatter", &pool), ("kv_scatter_at", &pool2)] {
-        let got = dev.download(pool).unwrap();
-        // untouched slots keep their NaN, written ones are exact
-        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-            assert!(
-                g == w || (g.is_nan() && w.is_nan()),
-                "{what}: element {i}: got {g}, want {w}"
-            );
+        let got = E::download(dev, pool);
+        same_bits(&format!("{what} {:?}", E::DTYPE), &got, &want);
+    }
+}
+
+#[test]
+fn kv_scatter_places_rows_through_the_block_table() {
+    let Some(dev) = device() else { return };
+    let mut rng = Rng::new(seed("kv_scatter"));
+    kv_scatter_case::<f32>(&mut rng, dev);
+    kv_scatter_case::<f16>(&mut rng, dev);
+}
+
+/// A batch as a backend step lays it out: sequences `(rows, first_pos)` whose
+/// tables share one pool, blocks dealt out interleaved; the tables concatenated,
+/// each row's start into them, position and sequence end.
+struct Batch {
+    block_size: usize,
+    n_blocks: usize,
+    tables: Vec<Vec<u32>>,
+    seqs: Vec<(usize, usize)>,
+}
+
+impl Batch {
+    fn new(rng: &mut Rng, block_size: usize, seqs: &[(usize, usize)]) -> Batch {
+        let used: Vec<usize> = seqs
+            .iter()
+            .map(|&(rows, first)| (first + rows).div_ceil(block_size))
+            .collect();
+        let n_blocks = used.iter().sum::<usize>() + 3;
+        // deal a shuffled pool round-robin, so neighbouring blocks of the pool
+        // belong to different sequences
+        let pool = shuffled(rng, n_blocks);
+        let mut tables = vec![Vec::new(); seqs.len()];
+        let mut next = pool.into_iter();
+        while tables.iter().zip(&used).any(|(t, &u)| t.len() < u) {
+            for (t, &u) in tables.iter_mut().zip(&used) {
+                if t.len() < u {
+                    t.push(next.next().unwrap());
+                }
+            }
         }
+        Batch {
+            block_size,
+            n_blocks,
+            tables,
+            seqs: seqs.to_vec(),
+        }
+    }
+
+    fn attn_seqs(&self) -> Vec<AttnSeq<'_>> {
+        self.seqs
+            .iter()
+            .zip(&self.tables)
+            .map(|(&(rows, first_pos), t)| AttnSeq {
+                rows,
+                first_pos,
+                block_table: t,
+            })
+            .collect()
+    }
+
+    fn rows(&self) -> usize {
+        self.seqs.iter().map(|s| s.0).sum()
+    }
+
+    /// (concatenated tables, positions, table starts, sequence ends) on the device
+    fn upload(&self, dev: &Device) -> [DeviceBuffer<u32>; 4] {
+        let (mut tables, mut pos, mut start, mut end) = (vec![], vec![], vec![], vec![]);
+        for (&(rows, first), t) in self.seqs.iter().zip(&self.tables) {
+            let s = tables.len() as u32;
+            tables.extend_from_slice(t);
+            for p in first..first + rows {
+                pos.push(p as u32);
+                start.push(s);
+                end.push((first + rows) as u32);
+            }
+        }
+        [tables, pos, start, end].map(|v| dev.upload(&v).unwrap())
+    }
+}
+
+fn device_rows(b: &[DeviceBuffer<u32>; 4]) -> DeviceRows<'_> {
+    DeviceRows {
+        tables: b[0].as_view(),
+        positions: b[1].as_view(),
+        table_start: b[2].as_view(),
+        seq_end: b[3].as_view(),
+    }
+}
+
+fn kv_scatter_rows_case<E: Upload>(rng: &mut Rng, dev: &Device) {
+    let kv_dim = 40;
+    // a prefill chunk between single decode rows, at different lengths
+    let batch = Batch::new(rng, 4, &[(1, 9), (5, 6), (1, 0), (2, 13)]);
+    let n = batch.rows();
+    let src = rng.vec_normal(n * kv_dim, 1.0);
+    let poison = stored::<E>(&[f32::NAN])[0];
+    let mut want = vec![poison; batch.n_blocks * batch.block_size * kv_dim];
+    let mut row = 0;
+    for s in batch.attn_seqs() {
+        for p in s.first_pos..s.first_pos + s.rows {
+            let slot = s.block_table[p / batch.block_size] as usize * batch.block_size
+                + p % batch.block_size;
+            reference::kv_store(
+                &src[row * kv_dim..(row + 1) * kv_dim],
+                &mut want[slot * kv_dim..(slot + 1) * kv_dim],
+            );
+            row += 1;
+        }
+    }
+    let bufs = batch.upload(dev);
+    let mut pool = E::upload(dev, &vec![poison; want.len()]);
+    dev.kv_scatter_rows(
+        &dev.upload(&src).unwrap(),
+        n,
+        kv_dim,
+        &mut pool,
+        batch.block_size,
+        &device_rows(&bufs),
+    )
+    .unwrap();
+    let got = E::download(dev, &pool);
+    same_bits(&format!("kv_scatter_rows {:?}", E::DTYPE), &got, &want);
+}
+
+#[test]
+fn kv_scatter_rows_writes_each_sequence_through_its_own_table() {
+    let Some(dev) = device() else { return };
+    let mut rng = Rng::new(seed("kv_scatter_rows"));
+    kv_scatter_rows_case::<f32>(&mut rng, dev);
+    kv_scatter_rows_case::<f16>(&mut rng, dev);
+}
+
+fn decode_rows_case<E: Upload>(causal: bool, rng: &mut Rng, dev: &Device) {
+    let (n_heads, n_kv_heads, head_dim) = (4usize, 2usize, 80usize);
+    let kv_dim = n_kv_heads * head_dim;
+    // one-row decodes at short and long lengths (several splits), and short
+    // multi-row sequences, as a batched step's decode launch takes them
+    let batch = Batch::new(
+        rng,
+        16,
+        &[(1, 0), (1, 700), (3, 255), (1, 31), (2, 510), (1, 1200)],
+    );
+    let n = batch.rows();
+    let seqs = batch.attn_seqs();
+    let slots = batch.n_blocks * batch.block_size;
+    let kp: Vec<E> = stored(&rng.vec_normal(slots * kv_dim, 1.0));
+    let vp: Vec<E> = stored(&rng.vec_normal(slots * kv_dim, 1.0));
+    let q = rng.vec_normal(n * n_heads * head_dim, 1.0);
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let layer = KvLayer {
+        k: &kp[..],
+        v: &vp[..],
+        block_size: batch.block_size,
+        kv_dim,
+    };
+    let mut want = vec![0.0; q.len()];
+    reference::attention_batch(
+        &q, n_heads, n_kv_heads, head_dim, &layer, &seqs, causal, scale, &mut want,
+    );
+    let e_s = score_errors(&q, n_heads, n_kv_heads, head_dim, &layer, &seqs, scale);
+    let vmax = vp
+        .iter()
+        .fold(0.0f64, |m, &v| m.max(v.to_f32().abs() as f64));
+    let (dk, dv) = (E::upload(dev, &kp), E::upload(dev, &vp));
+    let pools = DeviceKvLayer {
+        k: &dk,
+        v: &dv,
+        block_size: batch.block_size,
+        kv_dim,
+    };
+    let bufs = batch.upload(dev);
+    let rows = device_rows(&bufs);
+    let dq = dev.upload(&q).unwrap();
+    let w = n_heads * head_dim;
+    let what = format!("attention_decode_rows {:?} causal={causal}", E::DTYPE);
+    // max_keys: the longest sequence exactly, and the whole pool (a graph's
+    // sizing: the extra splits are empty)
+    let longest = seqs.iter().map(|s| s.first_pos + s.rows).max().unwrap();
+    for max_keys in [longest, slots] {
+        let mut ws = dev
+            .zeros::<f32>(decode_workspace_len(n, n_heads, head_dim, max_keys))
+            .unwrap();
+        let mut out = poisoned(dev, q.len());
+        dev.attention_decode_rows(
+            &dq, n, n_heads, n_kv_heads, head_dim, &pools, &rows, max_keys, causal, scale, &mut ws,
+            &mut out,
+        )
+        .unwrap();
+        let got = dev.download(&out).unwrap();
+        check(&format!("{what} max_keys={max_keys}"), &got, &want, |i| {
+            (2.0 * e_s[i / head_dim] + 1e-5) * vmax
+        });
+    }
+    // rows 2..7 alone (a launch of part of a group, as a backend splits one that
+    // outgrows its workspace): the rows' starts still index the whole tables
+    let (r0, r1) = (2, 7);
+    let mut ws = dev
+        .zeros::<f32>(decode_workspace_len(r1 - r0, n_heads, head_dim, longest))
+        .unwrap();
+    let mut out = poisoned(dev, (r1 - r0) * w);
+    dev.attention_decode_rows(
+        &dq.slice(r0 * w..r1 * w),
+        r1 - r0,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        &pools,
+        &rows.rows(r0..r1),
+        longest,
+        causal,
+        scale,
+        &mut ws,
+        &mut out,
+    )
+    .unwrap();
+    let got = dev.download(&out).unwrap();
+    check(
+        &format!("{what} rows {r0}..{r1}"),
+        &got,
+        &want[r0 * w..r1 * w],
+        |i| (2.0 * e_s[r0 * n_heads + i / head_dim] + 1e-5) * vmax,
+    );
+}
+
+#[test]
+fn batched_decode_matches_reference_batch() {
+    let Some(dev) = device() else { return };
+    let mut rng = Rng::new(seed("attention_decode_rows"));
+    for causal in [true, false] {
+        decode_rows_case::<f32>(causal, &mut rng, dev);
+        decode_rows_case::<f16>(causal, &mut rng, dev);
     }
 }

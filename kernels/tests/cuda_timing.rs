@@ -115,7 +115,7 @@ fn attn(
         k: &k,
         v: &v,
         block_size,
-        block_table: &t,
+        block_table: t.as_view(),
         n_blocks,
         kv_dim,
     };

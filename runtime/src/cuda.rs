@@ -1,24 +1,34 @@
 //! The CUDA backend (feature `cuda`): executes a [`Plan`] with the kernels of
 //! `mipha_kernels::cuda`. Activation buffers, the plan's weights (uploaded once, in
-//! their stored layout, when the backend is made) and the paged KV pool all live
-//! in device memory. Per step, only the step's small values go up (token ids,
-//! positions, the block table: written into device buffers before the kernels
-//! run) plus any host embedding rows; the output rows (and taps) come back.
-//! Image embeddings kept on the device by the vision plan's backend
-//! ([`Backend::keep_output`]) are copied device to device.
+//! their stored layout, when the backend is made) and the paged KV pool (f32, or
+//! f16 stored as 16-bit words) all live in device memory. Per step, only the
+//! step's small values go up (token ids, every row's position, the sequences'
+//! block tables concatenated with each row's start into them: written into
+//! device buffers before the kernels run) plus any host embedding rows; the
+//! output rows (and taps) come back. Image embeddings kept on the device by the
+//! vision plan's backend ([`Backend::keep_output`]) are copied device to device.
 //!
-//! A decode step (one token, one output row) is captured once as a CUDA graph and
-//! replayed: every kernel of it reads the per-step values from those device
-//! buffers, and the decode attention's split count is sized for the whole table,
-//! so the same launches serve every position. See `docs/cuda.md`.
+//! A step may carry several sequences (continuous batching): every row's K/V go
+//! into its own sequence's blocks in one scatter, then runs of consecutive short
+//! sequences (decode rows) attend in one batched decode launch and each longer
+//! sequence (a prefill chunk) through the prefill kernel with its own table.
+//!
+//! A single-sequence decode step (one token, one output row) is captured once as
+//! a CUDA graph and replayed: every kernel of it reads the per-step values from
+//! those device buffers, and the decode attention's split count is sized for the
+//! whole pool, so the same launches serve every position. Batched steps launch
+//! plainly. See `docs/cuda.md`.
 
 use std::any::Any;
+use std::ops::Range;
 use std::sync::Arc;
 
 use mipha_kernels::cuda::{
-    decode_workspace_len, CudaError, CudaGraph, Device, DeviceBuffer, DeviceKv, DeviceWeight,
-    DECODE_MAX_ROWS,
+    decode_workspace_len, CudaError, CudaGraph, CudaView, CudaViewMut, Device, DeviceBuffer,
+    DeviceKv, DeviceKvElem, DeviceKvLayer, DeviceRows, DeviceWeight, DECODE_CHUNK, DECODE_MAX_ROWS,
+    MAX_GRID_YZ,
 };
+use mipha_kernels::KvDtype;
 
 use crate::backend::{Backend, Capture, Input, ResidentRows, Step};
 use crate::cpu::KvConfig;
@@ -93,18 +103,60 @@ enum DevWeight {
     F32(DeviceBuffer<f32>),
 }
 
+/// One pool per layer for K and one for V, `[n_blocks * block_size, kv_dim]` of `E`.
+struct KvPools<E: DeviceKvElem> {
+    k: Vec<DeviceBuffer<E>>,
+    v: Vec<DeviceBuffer<E>>,
+}
+
+impl<E: DeviceKvElem> KvPools<E> {
+    fn new(dev: &Device, layers: usize, elems: usize) -> Result<Self> {
+        let pool = || dev.zeros::<E>(elems.max(1)).map_err(cu);
+        let k = (0..layers).map(|_| pool()).collect::<Result<_>>()?;
+        let v = (0..layers).map(|_| pool()).collect::<Result<_>>()?;
+        Ok(KvPools { k, v })
+    }
+}
+
+/// f16 pools hold raw 16-bit words (see [`DeviceKvElem`]).
+enum KvStore {
+    F32(KvPools<f32>),
+    F16(KvPools<u16>),
+}
+
 struct KvStorage {
-    k: Vec<DeviceBuffer<f32>>,
-    v: Vec<DeviceBuffer<f32>>,
+    store: KvStore,
     block_size: usize,
     n_blocks: usize,
     kv_dim: usize,
 }
 
+/// How one attention op runs a step's sequences, worked out on the host once per
+/// step (the op repeats it for every layer).
+#[derive(Clone, Debug)]
+enum AttnGroup {
+    /// consecutive sequences of at most `DECODE_MAX_ROWS` rows each: one batched
+    /// decode launch, splits sized for `max_keys` keys
+    Decode { rows: Range<usize>, max_keys: usize },
+    /// one longer sequence: the prefill kernel through its own table, entries
+    /// `table` of the concatenated tables
+    Prefill {
+        rows: Range<usize>,
+        first_pos: usize,
+        table: Range<usize>,
+    },
+}
+
+/// Rows of the decode attention's workspace at the pool's full length: a batched
+/// decode launch takes as many rows as fit (more when its sequences are shorter).
+const DECODE_WS_ROWS: usize = 8;
+
 pub struct CudaBackend {
     dev: Arc<Device>,
     /// `None` only while an op holds the buffer it writes
     buffers: Vec<Option<DeviceBuffer<f32>>>,
+    /// each buffer's length, to remake one a panicking step left taken
+    buffer_lens: Vec<usize>,
     output_rows: Vec<bool>,
     weights: Vec<Option<DevWeight>>,
     /// gathered input rows of a `Rows::Outputs` matmul
@@ -113,15 +165,24 @@ pub struct CudaBackend {
     scratch: DeviceBuffer<f32>,
     /// per-step values, written before the step's kernels (and before a graph
     /// replay): position of each row, token id of each row (0 for vector rows),
-    /// the sequence's block table
+    /// the sequences' block tables one after another, and per row where its
+    /// sequence's table starts and where its sequence ends
     positions: DeviceBuffer<u32>,
     ids: DeviceBuffer<u32>,
     table: DeviceBuffer<u32>,
+    table_start: DeviceBuffer<u32>,
+    seq_end: DeviceBuffer<u32>,
     host_positions: Vec<u32>,
     host_ids: Vec<u32>,
+    host_table: Vec<u32>,
+    host_table_start: Vec<u32>,
+    host_seq_end: Vec<u32>,
+    groups: Vec<AttnGroup>,
+    /// whether the plan has a paged attention op (the step's tables go up)
+    attends: bool,
     /// `[0]`: one block covering a self-attention's rows
     one_block: DeviceBuffer<u32>,
-    /// decode attention's split partials, sized for the whole table
+    /// decode attention's split partials: `DECODE_WS_ROWS` rows over the whole pool
     attn_ws: DeviceBuffer<f32>,
     staging: Vec<f32>,
     kv: Option<KvStorage>,
@@ -218,9 +279,14 @@ impl CudaBackend {
             }
         }
         let mut buffers = Vec::with_capacity(plan.buffers.len());
+        let mut buffer_lens = Vec::with_capacity(plan.buffers.len());
         for (b, &o) in plan.buffers.iter().zip(&output_rows) {
             let rows = if o { plan.max_outputs } else { plan.max_tokens };
-            buffers.push(Some(alloc(&dev, rows * b.width)?));
+            let len = rows
+                .checked_mul(b.width)
+                .ok_or_else(|| Error::Other(format!("buffer `{}` size overflows", b.name)))?;
+            buffers.push(Some(alloc(&dev, len)?));
+            buffer_lens.push(len);
         }
         let kv = match (plan.kv, kv) {
             (Some(shape), Some(cfg)) => {
@@ -229,15 +295,17 @@ impl CudaBackend {
                     .checked_mul(cfg.block_size)
                     .and_then(|n| n.checked_mul(shape.kv_dim))
                     .ok_or_else(|| Error::Other("KV cache size overflows".into()))?;
-                let mut k = Vec::with_capacity(shape.n_layers);
-                let mut v = Vec::with_capacity(shape.n_layers);
-                for _ in 0..shape.n_layers {
-                    k.push(alloc(&dev, elems)?);
-                    v.push(alloc(&dev, elems)?);
+                if cfg.block_size == 0 || cfg.n_blocks == 0 {
+                    return Err(Error::Other(
+                        "the KV cache needs at least one block of one position".into(),
+                    ));
                 }
+                let store = match cfg.dtype {
+                    KvDtype::F32 => KvStore::F32(KvPools::new(&dev, shape.n_layers, elems)?),
+                    KvDtype::F16 => KvStore::F16(KvPools::new(&dev, shape.n_layers, elems)?),
+                };
                 Some(KvStorage {
-                    k,
-                    v,
+                    store,
                     block_size: cfg.block_size,
                     n_blocks: cfg.n_blocks,
                     kv_dim: shape.kv_dim,
@@ -250,21 +318,42 @@ impl CudaBackend {
             }
             (None, _) => None,
         };
+        let attends = kv.is_some() && plan.ops.iter().any(|op| matches!(op, Op::Attention { .. }));
+        // One sequence's table fits; a batch whose tables add up to more grows it.
         let table_len = kv.as_ref().map_or(1, |k| k.n_blocks);
-        let max_keys = kv.as_ref().map_or(0, |k| k.n_blocks * k.block_size);
-        let ws = decode_workspace_len(DECODE_MAX_ROWS, attn_heads.0, attn_heads.1, max_keys);
+        let pool_keys = kv.as_ref().map_or(0, |k| k.n_blocks * k.block_size);
+        // A single-sequence decode launch splits the whole pool's keys.
+        if pool_keys.div_ceil(DECODE_CHUNK) > MAX_GRID_YZ {
+            return Err(Error::Other(format!(
+                "a KV pool of {pool_keys} positions is more than the CUDA decode kernel \
+                 splits ({} at most)",
+                MAX_GRID_YZ * DECODE_CHUNK
+            )));
+        }
+        let ws_rows = DECODE_WS_ROWS.min(plan.max_tokens).max(1);
+        let ws = decode_workspace_len(ws_rows, attn_heads.0, attn_heads.1, pool_keys);
+        let rows = plan.max_tokens.max(1);
+        let u32s = |n: usize| dev.zeros::<u32>(n.max(1)).map_err(cu);
         Ok(CudaBackend {
             gather: alloc(&dev, plan.max_outputs * gather_width)?,
             scratch: alloc(&dev, plan.max_tokens * accumulate_width)?,
-            positions: dev.zeros::<u32>(plan.max_tokens.max(1)).map_err(cu)?,
-            ids: dev.zeros::<u32>(plan.max_tokens.max(1)).map_err(cu)?,
-            table: dev.zeros::<u32>(table_len.max(1)).map_err(cu)?,
-            host_positions: Vec::with_capacity(plan.max_tokens),
-            host_ids: Vec::with_capacity(plan.max_tokens),
-            one_block: dev.zeros::<u32>(1).map_err(cu)?,
-            attn_ws: alloc(&dev, if kv.is_some() { ws } else { 1 })?,
+            positions: u32s(rows)?,
+            ids: u32s(rows)?,
+            table: u32s(table_len)?,
+            table_start: u32s(rows)?,
+            seq_end: u32s(rows)?,
+            host_positions: Vec::with_capacity(rows),
+            host_ids: Vec::with_capacity(rows),
+            host_table: Vec::with_capacity(table_len),
+            host_table_start: Vec::with_capacity(rows),
+            host_seq_end: Vec::with_capacity(rows),
+            groups: Vec::with_capacity(rows),
+            attends,
+            one_block: u32s(1)?,
+            attn_ws: alloc(&dev, if attends { ws } else { 1 })?,
             staging: Vec::new(),
             buffers,
+            buffer_lens,
             output_rows,
             weights: dw,
             kv,
@@ -296,6 +385,14 @@ impl CudaBackend {
     /// f32 GEMV kernels (exact f32 activations, as the conformance tests want).
     pub fn set_f16_gemm(&mut self, on: bool) {
         self.f16_gemm = on;
+    }
+
+    /// The KV pool's element type, when the plan has one.
+    pub fn kv_dtype(&self) -> Option<KvDtype> {
+        self.kv.as_ref().map(|kv| match kv.store {
+            KvStore::F32(_) => KvDtype::F32,
+            KvStore::F16(_) => KvDtype::F16,
+        })
     }
 
     /// Decode steps replayed from the captured graph so far.
@@ -336,14 +433,41 @@ impl CudaBackend {
         f32_of(&self.weights, id)
     }
 
-    /// Checks the step's values on the host and writes them into the device
-    /// buffers the kernels read: positions, token ids, the block table.
+    /// Gives back buffers a step that panicked left taken (an op holds its output
+    /// buffer while it runs), as fresh zeroed ones, so one failed step does not
+    /// fail the next. A captured graph read the old ones: it is dropped.
+    fn restore_buffers(&mut self) -> Result<()> {
+        let mut remade = false;
+        for (b, &len) in self.buffers.iter_mut().zip(&self.buffer_lens) {
+            if b.is_none() {
+                *b = Some(alloc(&self.dev, len)?);
+                remade = true;
+            }
+        }
+        if remade {
+            self.graph = None;
+        }
+        Ok(())
+    }
+
+    /// Writes the step's values into the device buffers the kernels read:
+    /// positions, token ids (checked against the vocabulary), and for a plan
+    /// that attends the block tables and the attention groups.
     fn upload_step(&mut self, plan: &Plan, step: &Step) -> Result<()> {
         let n = step.inputs.len();
         let dev = self.dev.clone();
         self.host_positions.clear();
-        self.host_positions
-            .extend((step.first_pos..step.first_pos + n).map(|p| p as u32));
+        for s in step.seqs {
+            // the kernels index positions as int
+            if s.first_pos + s.rows > i32::MAX as usize {
+                return Err(Error::Other(format!(
+                    "position {} is beyond what the CUDA kernels address",
+                    s.first_pos + s.rows - 1
+                )));
+            }
+            self.host_positions
+                .extend((s.first_pos..s.first_pos + s.rows).map(|p| p as u32));
+        }
         dev.stream()
             .memcpy_htod(&self.host_positions, &mut self.positions.slice_mut(..n))
             .map_err(drv)?;
@@ -370,14 +494,86 @@ impl CudaBackend {
                 .memcpy_htod(&self.host_ids, &mut self.ids.slice_mut(..n))
                 .map_err(drv)?;
         }
-        if let Some(kv) = &self.kv {
-            if plan.ops.iter().any(|op| matches!(op, Op::Attention { .. })) {
-                let blocks = step.kv_blocks(kv.block_size, kv.n_blocks)?;
-                dev.stream()
-                    .memcpy_htod(blocks, &mut self.table.slice_mut(..blocks.len()))
-                    .map_err(drv)?;
-            }
+        if self.attends {
+            self.upload_tables(step)?;
         }
+        Ok(())
+    }
+
+    /// The sequences' tables one after another (each cut to the blocks its
+    /// positions use), each row's start into them and its sequence's end, and
+    /// the attention groups. The tables were checked by `Step::check_kv`.
+    fn upload_tables(&mut self, step: &Step) -> Result<()> {
+        let kv = self
+            .kv
+            .as_ref()
+            .expect("a plan that attends has a KV cache");
+        let (bs, pool_keys) = (kv.block_size, kv.n_blocks * kv.block_size);
+        let n = step.inputs.len();
+        // A one-token single-sequence step has the shape of the captured decode
+        // graph: its decode launch is sized for the whole pool, so replays (and
+        // plain launches of the same step) serve every position.
+        let graph_shaped = step.seqs.len() == 1 && n == 1;
+        self.host_table.clear();
+        self.host_table_start.clear();
+        self.host_seq_end.clear();
+        self.groups.clear();
+        let mut r0 = 0;
+        for s in step.seqs {
+            let end = s.first_pos + s.rows;
+            let used = end.div_ceil(bs);
+            let start = self.host_table.len();
+            let start32 = u32::try_from(start)
+                .map_err(|_| Error::Other("the step's block tables are too long".into()))?;
+            self.host_table.extend_from_slice(&s.block_table[..used]);
+            for _ in 0..s.rows {
+                self.host_table_start.push(start32);
+                // below i32::MAX: checked with the positions
+                self.host_seq_end.push(end as u32);
+            }
+            let rows = r0..r0 + s.rows;
+            // A sequence longer than the pool (a table naming blocks more than
+            // once) would need more splits than the workspace holds: the prefill
+            // kernel has no such limit.
+            if s.rows <= DECODE_MAX_ROWS && end <= pool_keys {
+                match self.groups.last_mut() {
+                    Some(AttnGroup::Decode { rows: g, max_keys }) if g.end == r0 => {
+                        g.end = rows.end;
+                        *max_keys = (*max_keys).max(end);
+                    }
+                    _ => self.groups.push(AttnGroup::Decode {
+                        rows,
+                        max_keys: if graph_shaped { pool_keys } else { end },
+                    }),
+                }
+            } else {
+                self.groups.push(AttnGroup::Prefill {
+                    rows,
+                    first_pos: s.first_pos,
+                    table: start..start + used,
+                });
+            }
+            r0 += s.rows;
+        }
+        let dev = self.dev.clone();
+        if self.host_table.len() > self.table.len() {
+            // A captured graph reads the old buffer: drop it (it is captured again).
+            self.graph = None;
+            self.table = dev
+                .zeros::<u32>(self.host_table.len().next_power_of_two())
+                .map_err(cu)?;
+        }
+        let len = self.host_table.len();
+        let stream = dev.stream();
+        stream
+            .memcpy_htod(&self.host_table, &mut self.table.slice_mut(..len))
+            .map_err(drv)?;
+        stream
+            .memcpy_htod(&self.host_table_start, &mut self.table_start.slice_mut(..n))
+            .map_err(drv)?;
+        stream
+            .memcpy_htod(&self.host_seq_end, &mut self.seq_end.slice_mut(..n))
+            .map_err(drv)?;
         Ok(())
     }
 
@@ -499,15 +695,18 @@ impl CudaBackend {
         Ok(r)
     }
 
-    /// Whether `step` is a decode step a captured graph serves: one token row,
-    /// its output wanted, nothing tapped, a KV plan.
+    /// Whether `step` is a decode step a captured graph serves: one sequence of one
+    /// token row, its output wanted, nothing tapped, a plan that attends, the
+    /// sequence within the pool (its decode launch sized for the whole pool).
     fn graph_step(&self, step: &Step, capture: bool) -> bool {
         self.graphs
             && !capture
-            && self.kv.is_some()
+            && self.attends
+            && step.seqs.len() == 1
             && step.inputs.len() == 1
             && matches!(step.inputs[0], Input::Token(_))
             && step.outputs == [0]
+            && matches!(self.groups.as_slice(), [AttnGroup::Decode { .. }])
     }
 
     /// Runs the decode step from the captured graph, capturing it first when
@@ -537,10 +736,22 @@ impl CudaBackend {
     }
 
     fn capture(&mut self, plan: &Plan, step: &Step) -> std::result::Result<CudaGraph, String> {
+        /// Ends a capture that a panic interrupted, so the stream takes plain
+        /// work again when the caller catches the panic and retries.
+        struct EndOnUnwind<'a>(&'a Device, bool);
+        impl Drop for EndOnUnwind<'_> {
+            fn drop(&mut self) {
+                if !self.1 {
+                    let _ = self.0.end_capture();
+                }
+            }
+        }
         let dev = self.dev.clone();
         dev.begin_capture()
             .map_err(|e| format!("begin capture: {e}"))?;
-        let ran = self.run_ops(plan, step, None);
+        let mut guard = EndOnUnwind(&dev, false);
+        let ran = self.run_ops(plan, step, 0..plan.ops.len(), None);
+        guard.1 = true;
         // End the capture whatever happened, so the stream is usable again.
         let ended = dev.end_capture();
         ran.map_err(|e| format!("while capturing: {e}"))?;
@@ -555,12 +766,13 @@ impl CudaBackend {
         &mut self,
         plan: &Plan,
         step: &Step,
+        ops: Range<usize>,
         mut capture: Option<&mut (dyn Capture + '_)>,
     ) -> Result<()> {
         let n = step.inputs.len();
         let n_out = step.outputs.len();
         let dev = self.dev.clone();
-        for op in &plan.ops {
+        for op in &plan.ops[ops] {
             match op {
                 Op::Embed { table, out } => {
                     let width = plan.buffer(*out).width;
@@ -601,7 +813,7 @@ impl CudaBackend {
                         k: self.buf(*kb),
                         v: self.buf(*v),
                         block_size: n,
-                        block_table: &self.one_block,
+                        block_table: self.one_block.as_view(),
                         n_blocks: 1,
                         kv_dim: width,
                     };
@@ -704,74 +916,17 @@ impl CudaBackend {
                     causal,
                     scale,
                 } => {
-                    let Some(kv) = self.kv.as_mut() else {
-                        return Err(Error::Other("no KV cache".into()));
+                    let mut o = self.take(*out);
+                    let shape = AttnShape {
+                        n_heads: *n_heads,
+                        n_kv_heads: *n_kv_heads,
+                        head_dim: *head_dim,
+                        causal: *causal,
+                        scale: *scale,
                     };
-                    let (bs, d) = (kv.block_size, kv.kv_dim);
-                    let used = (step.first_pos + n).div_ceil(bs);
-                    let kbuf = self.buffers[kb.0].as_ref().expect("k buffer");
-                    let vbuf = self.buffers[v.0].as_ref().expect("v buffer");
-                    // Positions from the device buffer: the same launch serves every
-                    // position (a replayed decode graph).
-                    let pos = self.positions.slice(..n);
-                    for (src, pool) in [(kbuf, &mut kv.k[*layer]), (vbuf, &mut kv.v[*layer])] {
-                        dev.kv_scatter_at(&src.slice(..n * d), n, d, pool, &self.table, bs, &pos)
-                            .map_err(cu)?;
-                    }
-                    let width = n_heads * head_dim;
-                    let mut o = self.buffers[out.0].take().expect("out buffer");
-                    let kv = self.kv.as_ref().expect("checked above");
-                    let qv = self.buffers[q.0]
-                        .as_ref()
-                        .expect("q buffer")
-                        .slice(..n * width);
-                    let r = if n <= DECODE_MAX_ROWS {
-                        // split count sized for the whole table, not this length
-                        let view = DeviceKv {
-                            k: &kv.k[*layer],
-                            v: &kv.v[*layer],
-                            block_size: bs,
-                            block_table: &self.table,
-                            n_blocks: self.table.len(),
-                            kv_dim: d,
-                        };
-                        dev.attention_decode_at(
-                            &qv,
-                            n,
-                            *n_heads,
-                            *n_kv_heads,
-                            *head_dim,
-                            &view,
-                            &pos,
-                            *causal,
-                            *scale,
-                            &mut self.attn_ws,
-                            &mut o.slice_mut(..n * width),
-                        )
-                    } else {
-                        let view = DeviceKv {
-                            k: &kv.k[*layer],
-                            v: &kv.v[*layer],
-                            block_size: bs,
-                            block_table: &self.table,
-                            n_blocks: used,
-                            kv_dim: d,
-                        };
-                        dev.attention_prefill(
-                            &qv,
-                            n,
-                            *n_heads,
-                            *n_kv_heads,
-                            *head_dim,
-                            &view,
-                            step.first_pos,
-                            *causal,
-                            *scale,
-                            &mut o.slice_mut(..n * width),
-                        )
-                    };
+                    let r = self.attend(*layer, [*q, *kb, *v], &mut o, &shape, n);
                     self.buffers[out.0] = Some(o);
-                    r.map_err(cu)?;
+                    r?;
                 }
                 Op::Tap { x, name } => {
                     if let Some(c) = capture.as_deref_mut() {
@@ -787,6 +942,59 @@ impl CudaBackend {
             }
         }
         Ok(())
+    }
+
+    /// One paged attention op over the step's sequences: their new K/V rows into
+    /// the layer's pools, then every group of rows attends (see [`AttnGroup`]).
+    fn attend(
+        &mut self,
+        layer: usize,
+        [q, k, v]: [BufId; 3],
+        o: &mut DeviceBuffer<f32>,
+        shape: &AttnShape,
+        n: usize,
+    ) -> Result<()> {
+        let kv = self
+            .kv
+            .as_mut()
+            .ok_or_else(|| Error::Other("no KV cache".into()))?;
+        let (bs, d) = (kv.block_size, kv.kv_dim);
+        let width = shape.n_heads * shape.head_dim;
+        let buf = |b: BufId| {
+            self.buffers[b.0]
+                .as_ref()
+                .expect("a plan op reads the buffer it writes")
+        };
+        let a = Attend {
+            dev: &self.dev,
+            q: buf(q).slice(..n * width),
+            k: buf(k).slice(..n * d),
+            v: buf(v).slice(..n * d),
+            rows: DeviceRows {
+                positions: self.positions.slice(..n),
+                tables: self.table.as_view(),
+                table_start: self.table_start.slice(..n),
+                seq_end: self.seq_end.slice(..n),
+            },
+            groups: &self.groups,
+            shape,
+            block_size: bs,
+            kv_dim: d,
+        };
+        let mut out = o.slice_mut(..n * width);
+        let missing = || Error::Other(format!("layer {layer} is outside the KV cache"));
+        match &mut kv.store {
+            KvStore::F32(p) => {
+                let (kp, vp) = (p.k.get_mut(layer), p.v.get_mut(layer));
+                let (kp, vp) = kp.zip(vp).ok_or_else(missing)?;
+                a.run(kp, vp, &mut self.attn_ws, &mut out)
+            }
+            KvStore::F16(p) => {
+                let (kp, vp) = (p.k.get_mut(layer), p.v.get_mut(layer));
+                let (kp, vp) = kp.zip(vp).ok_or_else(missing)?;
+                a.run(kp, vp, &mut self.attn_ws, &mut out)
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -807,19 +1015,25 @@ impl CudaBackend {
         let m = match rows {
             Rows::All => self.rows(x, n, n_out),
             Rows::Outputs => {
-                for (j, &r) in step.outputs.iter().enumerate() {
-                    if r >= n {
-                        return Err(Error::Other(format!(
-                            "output row {r} is outside the step's {n} rows"
-                        )));
+                // (rows checked by Step::check) Runs of consecutive rows, e.g. the
+                // last rows of a batch's one-row sequences, go in one copy.
+                let outs = step.outputs;
+                let src = self.buffers[x.0].as_ref().expect("x buffer");
+                let mut j = 0;
+                while j < outs.len() {
+                    let r = outs[j];
+                    let mut k = j + 1;
+                    while k < outs.len() && outs[k] == r + (k - j) {
+                        k += 1;
                     }
-                    let src = self.buffers[x.0].as_ref().expect("x buffer");
+                    let rows = k - j;
                     dev.stream()
                         .memcpy_dtod(
-                            &src.slice(r * kdim..(r + 1) * kdim),
-                            &mut self.gather.slice_mut(j * kdim..(j + 1) * kdim),
+                            &src.slice(r * kdim..(r + rows) * kdim),
+                            &mut self.gather.slice_mut(j * kdim..k * kdim),
                         )
                         .map_err(drv)?;
+                    j = k;
                 }
                 n_out
             }
@@ -883,24 +1097,138 @@ fn gelu_kind(k: GeluKind) -> mipha_kernels::cuda::GeluKind {
     }
 }
 
+struct AttnShape {
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    causal: bool,
+    scale: f32,
+}
+
+/// One attention op's inputs on the device, for either pool element type.
+struct Attend<'a> {
+    dev: &'a Device,
+    /// `[n, n_heads * head_dim]`
+    q: CudaView<'a, f32>,
+    /// the step's new keys and values, `[n, kv_dim]`
+    k: CudaView<'a, f32>,
+    v: CudaView<'a, f32>,
+    rows: DeviceRows<'a>,
+    groups: &'a [AttnGroup],
+    shape: &'a AttnShape,
+    block_size: usize,
+    kv_dim: usize,
+}
+
+impl Attend<'_> {
+    fn run<E: DeviceKvElem>(
+        &self,
+        kp: &mut DeviceBuffer<E>,
+        vp: &mut DeviceBuffer<E>,
+        ws: &mut DeviceBuffer<f32>,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let (dev, sh) = (self.dev, self.shape);
+        let (bs, d) = (self.block_size, self.kv_dim);
+        let n = self.rows.positions.len();
+        // Every row's K/V to its own sequence's slot, one launch each for the batch.
+        dev.kv_scatter_rows(&self.k, n, d, kp, bs, &self.rows)
+            .map_err(cu)?;
+        dev.kv_scatter_rows(&self.v, n, d, vp, bs, &self.rows)
+            .map_err(cu)?;
+        let pools = DeviceKvLayer {
+            k: &*kp,
+            v: &*vp,
+            block_size: bs,
+            kv_dim: d,
+        };
+        let w = sh.n_heads * sh.head_dim;
+        for g in self.groups {
+            match g {
+                AttnGroup::Decode { rows, max_keys } => {
+                    // As many rows per launch as the workspace holds at this length
+                    // (the backend sized it for at least one row over the pool).
+                    let per_row = decode_workspace_len(1, sh.n_heads, sh.head_dim, *max_keys);
+                    let chunk = (ws.len() / per_row).clamp(1, MAX_GRID_YZ);
+                    let mut r0 = rows.start;
+                    while r0 < rows.end {
+                        let r1 = (r0 + chunk).min(rows.end);
+                        dev.attention_decode_rows(
+                            &self.q.slice(r0 * w..r1 * w),
+                            r1 - r0,
+                            sh.n_heads,
+                            sh.n_kv_heads,
+                            sh.head_dim,
+                            &pools,
+                            &self.rows.rows(r0..r1),
+                            *max_keys,
+                            sh.causal,
+                            sh.scale,
+                            ws,
+                            &mut out.slice_mut(r0 * w..r1 * w),
+                        )
+                        .map_err(cu)?;
+                        r0 = r1;
+                    }
+                }
+                AttnGroup::Prefill {
+                    rows,
+                    first_pos,
+                    table,
+                } => {
+                    let kv = pools.with_table(self.rows.tables.slice(table.clone()), table.len());
+                    dev.attention_prefill(
+                        &self.q.slice(rows.start * w..rows.end * w),
+                        rows.len(),
+                        sh.n_heads,
+                        sh.n_kv_heads,
+                        sh.head_dim,
+                        &kv,
+                        *first_pos,
+                        sh.causal,
+                        sh.scale,
+                        &mut out.slice_mut(rows.start * w..rows.end * w),
+                    )
+                    .map_err(cu)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Backend for CudaBackend {
     fn name(&self) -> String {
         self.dev.describe()
     }
 
-    fn execute(
+    fn execute_ops(
         &mut self,
         plan: &Plan,
         _weights: &Weights,
         step: &Step,
+        ops: Range<usize>,
         capture: Option<&mut (dyn Capture + '_)>,
     ) -> Result<()> {
         step.check(plan)?;
+        if ops.end > plan.ops.len() || ops.start > ops.end {
+            return Err(Error::Other(format!(
+                "ops {ops:?} are outside the plan's {}",
+                plan.ops.len()
+            )));
+        }
+        if let (Some(kv), Some(_)) = (&self.kv, plan.kv) {
+            step.check_kv(kv.block_size, kv.n_blocks)?;
+        }
+        self.restore_buffers()?;
+        // Only a whole forward is captured and replayed: a slice's launches are
+        // not a decode step's.
+        let whole = ops.start == 0 && ops.end == plan.ops.len();
         let result = self.upload_step(plan, step).and_then(|()| {
-            if self.graph_step(step, capture.is_some()) && self.run_graph(plan, step)? {
+            if whole && self.graph_step(step, capture.is_some()) && self.run_graph(plan, step)? {
                 return Ok(());
             }
-            self.run_ops(plan, step, capture)
+            self.run_ops(plan, step, ops, capture)
         });
         let rows = self.rows(plan.output, step.inputs.len(), step.outputs.len());
         self.last_output = Some((plan.output, rows, plan.buffer(plan.output).width));

@@ -18,8 +18,8 @@ use mipha_kernels::quant::quantize_row;
 use mipha_runtime::cuda::{CudaBackend, DeviceChoice, Resolved};
 use mipha_runtime::graph::KvShape;
 use mipha_runtime::{
-    Backend, BindOptions, CpuBackend, Epilogue, GeluKind, Input, KvConfig, MqfFile, MqfWriter, Op,
-    Plan, PlanBuilder, QuantType, Rows, Step, TensorSpec, Weights,
+    Backend, BindOptions, CpuBackend, Epilogue, GeluKind, Input, KvConfig, KvDtype, MqfFile,
+    MqfWriter, Op, Plan, PlanBuilder, QuantType, Rows, SeqRows, Step, TensorSpec, Weights,
 };
 
 fn device() -> Option<Arc<mipha_kernels::cuda::Device>> {
@@ -85,7 +85,7 @@ const FFN: usize = 96;
 const VOCAB: usize = 50;
 
 fn text_plan() -> Plan {
-    let mut b = PlanBuilder::new(16, 2, D);
+    let mut b = PlanBuilder::new(16, 4, D);
     let h = b.buffer("h", D);
     let hn = b.buffer("hn", D);
     let q = b.buffer("q", D);
@@ -174,6 +174,8 @@ fn text_plan() -> Plan {
             rows: Rows::All,
             epilogue: Epilogue::Accumulate,
         });
+        // slices a layer at a time (`execute_ops` over `Plan::slices`)
+        b.mark_break();
     }
     let lw = b.weight("final.ln.w", &[D]);
     let lb = b.weight("final.ln.b", &[D]);
@@ -248,6 +250,7 @@ fn text_plan_matches_cpu_over_prefill_and_decode() {
     let kv = KvConfig {
         n_blocks: 8,
         block_size: 4,
+        dtype: KvDtype::F32,
     };
     let mut cpu = CpuBackend::new(&plan, Some(kv), 1).unwrap();
     let mut gpu = dev.map(|d| CudaBackend::new(&plan, &weights, Some(kv), d).unwrap());
@@ -259,10 +262,14 @@ fn text_plan_matches_cpu_over_prefill_and_decode() {
             .map(|i| Input::Token(((pos + i) * 7 % VOCAB) as u32))
             .collect();
         let outputs = if n > 1 { vec![0, n - 1] } else { vec![0] };
-        let step = Step {
-            inputs: &inputs,
+        let seqs = [SeqRows {
+            rows: inputs.len(),
             first_pos: pos,
             block_table: &table,
+        }];
+        let step = Step {
+            inputs: &inputs,
+            seqs: &seqs,
             outputs: &outputs,
         };
         cpu.execute(&plan, &weights, &step, None).unwrap();
@@ -280,10 +287,14 @@ fn text_plan_matches_cpu_over_prefill_and_decode() {
     }
     // a token outside the vocabulary is an error, not a crash
     let bad = [Input::Token(VOCAB as u32)];
-    let step = Step {
-        inputs: &bad,
+    let seqs = [SeqRows {
+        rows: bad.len(),
         first_pos: pos,
         block_table: &table,
+    }];
+    let step = Step {
+        inputs: &bad,
+        seqs: &seqs,
         outputs: &[0],
     };
     if let Some(gpu) = gpu.as_mut() {
@@ -310,6 +321,7 @@ fn decode_only_plan_matches_cpu_tightly() {
     let kv = KvConfig {
         n_blocks: 8,
         block_size: 4,
+        dtype: KvDtype::F32,
     };
     let mut cpu = CpuBackend::new(&plan, Some(kv), 1).unwrap();
     let mut gpu = dev.map(|d| CudaBackend::new(&plan, &weights, Some(kv), d).unwrap());
@@ -320,10 +332,14 @@ fn decode_only_plan_matches_cpu_tightly() {
             .map(|i| Input::Token(((pos + i) * 11 % VOCAB) as u32))
             .collect();
         let outputs = vec![n - 1];
-        let step = Step {
-            inputs: &inputs,
+        let seqs = [SeqRows {
+            rows: inputs.len(),
             first_pos: pos,
             block_table: &table,
+        }];
+        let step = Step {
+            inputs: &inputs,
+            seqs: &seqs,
             outputs: &outputs,
         };
         cpu.execute(&plan, &weights, &step, None).unwrap();
@@ -339,10 +355,15 @@ fn decode_only_plan_matches_cpu_tightly() {
     }
 }
 
-#[test]
-fn vision_plan_matches_cpu() {
-    let dev = device(); // the CPU half runs (and checks the fixture) regardless
-    let (patch, width, heads, hd, n) = (12usize, 16usize, 2usize, 8usize, 10usize);
+/// Patch width, model width and patches of [`vision_plan`].
+const PATCH: usize = 12;
+const VW: usize = 16;
+const PATCHES: usize = 10;
+
+/// A SigLIP-like plan: vector inputs, position rows, non-causal self-attention,
+/// with breaks between its stages (`Plan::slices`).
+fn vision_plan() -> Plan {
+    let (patch, width, heads, hd, n) = (PATCH, VW, 2usize, 8usize, PATCHES);
     let mut b = PlanBuilder::new(n, 1, patch);
     let x = b.buffer("x", patch);
     let h = b.buffer("h", width);
@@ -363,6 +384,7 @@ fn vision_plan_matches_cpu() {
     });
     let pos = b.weight("pos", &[n, width]);
     b.push(Op::AddRows { x: h, table: pos });
+    b.mark_break();
     for (name, out) in [("q", q), ("k", k), ("v", v)] {
         let w = b.weight(format!("{name}.w"), &[width, width]);
         b.push(Op::MatMul {
@@ -384,12 +406,20 @@ fn vision_plan_matches_cpu() {
         causal: false,
         scale: 0.35,
     });
+    b.mark_break();
     b.push(Op::Gelu {
         x: o,
         kind: GeluKind::Erf,
     });
     b.push(Op::Add { dst: o, src: h });
-    let plan = b.finish(o);
+    b.finish(o)
+}
+
+#[test]
+fn vision_plan_matches_cpu() {
+    let dev = device(); // the CPU half runs (and checks the fixture) regardless
+    let (patch, width, n) = (PATCH, VW, PATCHES);
+    let plan = vision_plan();
     let dir = tempfile::tempdir().unwrap();
     let file = write_model(dir.path(), &plan, |_| QuantType::F32);
     let weights = Weights::bind(&plan, file).unwrap();
@@ -397,10 +427,14 @@ fn vision_plan_matches_cpu() {
     let mut gpu = dev.map(|d| CudaBackend::new(&plan, &weights, None, d).unwrap());
     let rows: Vec<Vec<f32>> = (0..n).map(|i| floats(patch, 100 + i as u64, 1.0)).collect();
     let inputs: Vec<Input> = rows.iter().map(|r| Input::Embedding(r)).collect();
-    let step = Step {
-        inputs: &inputs,
+    let seqs = [SeqRows {
+        rows: inputs.len(),
         first_pos: 0,
         block_table: &[],
+    }];
+    let step = Step {
+        inputs: &inputs,
+        seqs: &seqs,
         outputs: &[],
     };
     cpu.execute(&plan, &weights, &step, None).unwrap();
@@ -446,6 +480,7 @@ fn text_setup(dir: &std::path::Path) -> (Plan, Weights, KvConfig) {
     let kv = KvConfig {
         n_blocks: 8,
         block_size: 4,
+        dtype: KvDtype::F32,
     };
     (plan, weights, kv)
 }
@@ -467,10 +502,14 @@ fn decode_graph_replays_match_plain_launches() {
         let inputs: Vec<Input> = (0..n)
             .map(|i| Input::Token(((pos + i) * 13 % VOCAB) as u32))
             .collect();
-        let step = Step {
-            inputs: &inputs,
+        let seqs = [SeqRows {
+            rows: inputs.len(),
             first_pos: pos,
             block_table: &table,
+        }];
+        let step = Step {
+            inputs: &inputs,
+            seqs: &seqs,
             outputs: &[n - 1],
         };
         let mut out = [vec![f32::NAN; VOCAB], vec![f32::NAN; VOCAB]];
@@ -505,10 +544,14 @@ fn resident_rows_feed_the_text_plan_on_device() {
     let rows: Vec<Vec<f32>> = (0..3).map(|i| floats(D, 500 + i, 1.0)).collect();
     let mut src = CudaBackend::new(&identity, &idw, None, dev.clone()).unwrap();
     let inputs: Vec<Input> = rows.iter().map(|r| Input::Embedding(r)).collect();
-    let step = Step {
-        inputs: &inputs,
+    let seqs = [SeqRows {
+        rows: inputs.len(),
         first_pos: 0,
         block_table: &[],
+    }];
+    let step = Step {
+        inputs: &inputs,
+        seqs: &seqs,
         outputs: &[],
     };
     src.execute(&identity, &idw, &step, None).unwrap();
@@ -535,10 +578,14 @@ fn resident_rows_feed_the_text_plan_on_device() {
             });
         }
         inputs.push(Input::Token(7));
-        let step = Step {
-            inputs: &inputs,
+        let seqs = [SeqRows {
+            rows: inputs.len(),
             first_pos: 0,
             block_table: &table,
+        }];
+        let step = Step {
+            inputs: &inputs,
+            seqs: &seqs,
             outputs: &[4],
         };
         text.execute(&plan, &weights, &step, None).unwrap();
@@ -550,4 +597,357 @@ fn resident_rows_feed_the_text_plan_on_device() {
         logits[0], logits[1],
         "resident rows = the same rows from the host"
     );
+}
+
+/// Several sequences sharing one KV pool, stepped together (continuous batching)
+/// or each alone: the batched step must give every sequence what running it
+/// alone gives.
+struct Scenario {
+    /// each sequence's block table, blocks of the pool dealt out interleaved
+    tables: Vec<Vec<u32>>,
+    /// `(sequence, positions)`: a sequence that starts with another's first
+    /// positions, whose K/V it reads from that one's blocks (a shared prefix)
+    shares: Vec<Option<(usize, usize)>>,
+    /// each step: (sequence, rows), in the step's order
+    steps: Vec<Vec<(usize, usize)>>,
+    n_blocks: usize,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// each step as one `execute`
+    Batched,
+    /// each step as `execute_ops` over the plan's slices
+    Slices,
+    /// each sequence of each step on its own
+    Alone,
+}
+
+impl Scenario {
+    /// Sequences A, B, C, D over a pool of 11 blocks of 4: a prefill chunk of A
+    /// between decodes of B and C at other lengths, a lone decode of B (a CUDA
+    /// graph), batched decodes, then D, which shares A's first two blocks, joins
+    /// them: the step's tables (12 blocks, one named twice) outgrow the pool's
+    /// size and a graph captured before must be captured again.
+    fn mixed() -> Scenario {
+        Scenario {
+            tables: vec![vec![7, 0, 10, 3], vec![5, 9], vec![1, 4, 8], vec![7, 0, 6]],
+            shares: vec![None, None, None, Some((0, 8))],
+            steps: vec![
+                vec![(0, 7)],
+                vec![(1, 3)],
+                vec![(2, 9)],
+                vec![(1, 1), (0, 5), (2, 1)],
+                vec![(1, 1)],
+                vec![(0, 1), (1, 1), (2, 1)],
+                vec![(0, 1), (1, 1), (2, 1), (3, 1)],
+                vec![(1, 1)],
+            ],
+            n_blocks: 11,
+        }
+    }
+
+    fn kv(&self, dtype: KvDtype) -> KvConfig {
+        KvConfig {
+            n_blocks: self.n_blocks,
+            block_size: 4,
+            dtype,
+        }
+    }
+
+    fn token(&self, seq: usize, pos: usize) -> u32 {
+        match self.shares[seq] {
+            Some((src, len)) if pos < len => self.token(src, pos),
+            _ => ((seq * 31 + pos * 7 + 3) % VOCAB) as u32,
+        }
+    }
+
+    /// Every step's logits, one labelled row per (step, sequence), in step order.
+    fn run(
+        &self,
+        b: &mut dyn Backend,
+        plan: &Plan,
+        weights: &Weights,
+        mode: Mode,
+    ) -> Vec<(String, Vec<f32>)> {
+        let mut pos: Vec<usize> = self.shares.iter().map(|s| s.map_or(0, |s| s.1)).collect();
+        let mut logits = Vec::new();
+        for (k, step) in self.steps.iter().enumerate() {
+            let groups: Vec<&[(usize, usize)]> = match mode {
+                Mode::Alone => step.chunks(1).collect(),
+                _ => vec![&step[..]],
+            };
+            for g in groups {
+                let mut inputs = Vec::new();
+                let mut outputs = Vec::new();
+                for &(s, n) in g {
+                    inputs.extend((0..n).map(|i| Input::Token(self.token(s, pos[s] + i))));
+                    outputs.push(inputs.len() - 1);
+                }
+                let seqs: Vec<SeqRows> = g
+                    .iter()
+                    .map(|&(s, n)| SeqRows {
+                        rows: n,
+                        first_pos: pos[s],
+                        block_table: &self.tables[s],
+                    })
+                    .collect();
+                let st = Step {
+                    inputs: &inputs,
+                    seqs: &seqs,
+                    outputs: &outputs,
+                };
+                if mode == Mode::Slices {
+                    for ops in plan.slices() {
+                        b.execute_ops(plan, weights, &st, ops, None).unwrap();
+                    }
+                } else {
+                    b.execute(plan, weights, &st, None).unwrap();
+                }
+                let mut out = vec![f32::NAN; outputs.len() * VOCAB];
+                b.read_output(&mut out).unwrap();
+                for (&(s, n), o) in g.iter().zip(out.chunks_exact(VOCAB)) {
+                    assert!(o.iter().all(|v| v.is_finite()), "step {k} seq {s}");
+                    let at = pos[s] + n - 1;
+                    logits.push((format!("step {k}, sequence {s} at {at}"), o.to_vec()));
+                }
+                for &(s, n) in g {
+                    pos[s] += n;
+                }
+            }
+        }
+        logits
+    }
+}
+
+#[track_caller]
+fn all_close(what: &str, got: &[(String, Vec<f32>)], want: &[(String, Vec<f32>)], rel: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: outputs");
+    for ((label, g), (wl, w)) in got.iter().zip(want) {
+        assert_eq!(label, wl);
+        close(&format!("{what}: {label}"), g, w, rel);
+    }
+}
+
+/// The text plan's weights with f32 activations (the GPU's GEMV for every matmul,
+/// `set_f16_gemm(false)`), so the backends compare at 1e-4.
+fn exact_setup(dir: &std::path::Path) -> (Plan, Weights) {
+    let (plan, weights, _) = text_setup(dir);
+    (plan, weights)
+}
+
+fn gpu_backend(
+    plan: &Plan,
+    weights: &Weights,
+    kv: KvConfig,
+    dev: &Arc<mipha_kernels::cuda::Device>,
+) -> CudaBackend {
+    let mut b = CudaBackend::new(plan, weights, Some(kv), dev.clone()).unwrap();
+    b.set_f16_gemm(false);
+    b.set_graphs(true);
+    b
+}
+
+#[test]
+fn mixed_steps_match_cpu_and_each_sequence_alone() {
+    let dev = device(); // the CPU half runs (and checks the fixture) regardless
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, weights) = exact_setup(dir.path());
+    let sc = Scenario::mixed();
+    let kv = sc.kv(KvDtype::F32);
+    let mut cpu = CpuBackend::new(&plan, Some(kv), 1).unwrap();
+    let cpu_batched = sc.run(&mut cpu, &plan, &weights, Mode::Batched);
+    let mut cpu = CpuBackend::new(&plan, Some(kv), 1).unwrap();
+    let cpu_alone = sc.run(&mut cpu, &plan, &weights, Mode::Alone);
+    all_close("cpu batched vs alone", &cpu_batched, &cpu_alone, 1e-4);
+    let Some(dev) = dev else { return };
+    let mut gpu = gpu_backend(&plan, &weights, kv, &dev);
+    let batched = sc.run(&mut gpu, &plan, &weights, Mode::Batched);
+    // the lone decodes of B, the second after the tables grew: captured twice
+    assert_eq!(gpu.graph_error(), None, "capture failed");
+    assert_eq!(gpu.graph_replays(), 2, "lone decodes replayed from a graph");
+    let mut gpu = gpu_backend(&plan, &weights, kv, &dev);
+    let alone = sc.run(&mut gpu, &plan, &weights, Mode::Alone);
+    all_close("cuda batched vs cpu batched", &batched, &cpu_batched, 1e-4);
+    all_close("cuda batched vs cuda alone", &batched, &alone, 1e-4);
+}
+
+#[test]
+fn f16_kv_matches_cpu_f16_kv() {
+    let dev = device(); // the CPU half runs (and checks the fixture) regardless
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, weights) = exact_setup(dir.path());
+    let sc = Scenario::mixed();
+    let mut cpu = CpuBackend::new(&plan, Some(sc.kv(KvDtype::F16)), 1).unwrap();
+    assert_eq!(cpu.kv_dtype(), Some(KvDtype::F16));
+    let cpu16 = sc.run(&mut cpu, &plan, &weights, Mode::Batched);
+    let mut cpu = CpuBackend::new(&plan, Some(sc.kv(KvDtype::F32)), 1).unwrap();
+    let cpu32 = sc.run(&mut cpu, &plan, &weights, Mode::Batched);
+    // f16 storage moves the logits, a little
+    all_close("cpu f16 vs f32 KV", &cpu16, &cpu32, 2e-2);
+    let Some(dev) = dev else { return };
+    let mut gpu = gpu_backend(&plan, &weights, sc.kv(KvDtype::F16), &dev);
+    assert_eq!(gpu.kv_dtype(), Some(KvDtype::F16));
+    let batched = sc.run(&mut gpu, &plan, &weights, Mode::Batched);
+    let mut gpu = gpu_backend(&plan, &weights, sc.kv(KvDtype::F16), &dev);
+    let alone = sc.run(&mut gpu, &plan, &weights, Mode::Alone);
+    // Both store the same halves of K/V rows that agree to ~1e-6, so a value
+    // may round to the neighbouring half (2^-11 relative) on one side: 1e-3
+    // leaves room for that and none for a misread or unrounded pool.
+    all_close("cuda f16 vs cpu f16 KV", &batched, &cpu16, 1e-3);
+    all_close("cuda f16 batched vs alone", &batched, &alone, 1e-3);
+}
+
+#[test]
+fn slices_equal_one_execute() {
+    let dev = device(); // the CPU half runs (and checks the fixture) regardless
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, weights) = exact_setup(dir.path());
+    assert!(
+        plan.slices().count() >= 3,
+        "the text plan has a break per layer"
+    );
+    let sc = Scenario::mixed();
+    let kv = sc.kv(KvDtype::F16);
+    let mut cpu = CpuBackend::new(&plan, Some(kv), 1).unwrap();
+    let whole = sc.run(&mut cpu, &plan, &weights, Mode::Batched);
+    let mut cpu = CpuBackend::new(&plan, Some(kv), 1).unwrap();
+    let sliced = sc.run(&mut cpu, &plan, &weights, Mode::Slices);
+    all_close("cpu slices", &sliced, &whole, 1e-6);
+    let vplan = vision_plan();
+    assert_eq!(vplan.slices().count(), 3);
+    let vdir = tempfile::tempdir().unwrap();
+    let vfile = write_model(vdir.path(), &vplan, |_| QuantType::F32);
+    let vweights = Weights::bind(&vplan, vfile).unwrap();
+    let rows: Vec<Vec<f32>> = (0..PATCHES)
+        .map(|i| floats(PATCH, 300 + i as u64, 1.0))
+        .collect();
+    let inputs: Vec<Input> = rows.iter().map(|r| Input::Embedding(r)).collect();
+    let seqs = [SeqRows {
+        rows: PATCHES,
+        first_pos: 0,
+        block_table: &[],
+    }];
+    let step = Step {
+        inputs: &inputs,
+        seqs: &seqs,
+        outputs: &[],
+    };
+    let vision = |b: &mut dyn Backend, sliced: bool| {
+        if sliced {
+            for ops in vplan.slices() {
+                b.execute_ops(&vplan, &vweights, &step, ops, None).unwrap();
+            }
+        } else {
+            b.execute(&vplan, &vweights, &step, None).unwrap();
+        }
+        let mut out = vec![f32::NAN; PATCHES * VW];
+        b.read_output(&mut out).unwrap();
+        out
+    };
+    let mut cpu = CpuBackend::new(&vplan, None, 1).unwrap();
+    let want = vision(&mut cpu, false);
+    let got = vision(&mut cpu, true);
+    close("cpu vision slices", &got, &want, 1e-6);
+    let Some(dev) = dev else { return };
+    // The same kernels with the same arguments in the same order: bit for bit,
+    // whether the lone decodes replay a graph (whole) or launch plainly (slices).
+    let mut gpu = gpu_backend(&plan, &weights, kv, &dev);
+    let whole = sc.run(&mut gpu, &plan, &weights, Mode::Batched);
+    assert!(gpu.graph_replays() > 0);
+    let mut gpu = gpu_backend(&plan, &weights, kv, &dev);
+    let sliced = sc.run(&mut gpu, &plan, &weights, Mode::Slices);
+    assert_eq!(gpu.graph_replays(), 0, "a slice never replays a graph");
+    all_close("cuda slices", &sliced, &whole, 0.0);
+    let mut gpu = CudaBackend::new(&vplan, &vweights, None, dev.clone()).unwrap();
+    let want = vision(&mut gpu, false);
+    let got = vision(&mut gpu, true);
+    assert_eq!(got, want, "cuda vision slices");
+}
+
+#[test]
+fn failed_steps_leave_the_backend_usable() {
+    let Some(dev) = device() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, weights) = exact_setup(dir.path());
+    let kv = KvConfig {
+        n_blocks: 8,
+        block_size: 4,
+        dtype: KvDtype::F16,
+    };
+    let table = [3u32, 6, 1];
+    let prompt: Vec<Input> = (0..6).map(|i| Input::Token(i * 5 + 1)).collect();
+    let next = [Input::Token(9)];
+    let run = |b: &mut CudaBackend, inputs: &[Input], first_pos: usize, fail_between: bool| {
+        let seqs = [SeqRows {
+            rows: inputs.len(),
+            first_pos,
+            block_table: &table,
+        }];
+        let outputs = [inputs.len() - 1];
+        let step = Step {
+            inputs,
+            seqs: &seqs,
+            outputs: &outputs,
+        };
+        if fail_between {
+            // an input row of the wrong width: fails inside the first op, with
+            // its output buffer taken
+            let short = [0.5f32; 3];
+            let bad_rows = [Input::Token(2), Input::Embedding(&short)];
+            let bad_seqs = [SeqRows {
+                rows: 2,
+                first_pos,
+                block_table: &table,
+            }];
+            let bad = Step {
+                inputs: &bad_rows,
+                seqs: &bad_seqs,
+                outputs: &[1],
+            };
+            assert!(b.execute(&plan, &weights, &bad, None).is_err());
+            // a block outside the pool, a token outside the vocabulary
+            let one = [Input::Token(1)];
+            let far = [SeqRows {
+                rows: 1,
+                first_pos: 8,
+                block_table: &[3, 6, 8],
+            }];
+            let bad = Step {
+                inputs: &one,
+                seqs: &far,
+                outputs: &[0],
+            };
+            assert!(b.execute(&plan, &weights, &bad, None).is_err());
+            let oov = [Input::Token(VOCAB as u32)];
+            let one_seq = [SeqRows {
+                rows: 1,
+                first_pos,
+                block_table: &table,
+            }];
+            let bad = Step {
+                inputs: &oov,
+                seqs: &one_seq,
+                outputs: &[0],
+            };
+            assert!(b.execute(&plan, &weights, &bad, None).is_err());
+            // ops outside the plan
+            let past = plan.ops.len() + 1;
+            assert!(b
+                .execute_ops(&plan, &weights, &step, 0..past, None)
+                .is_err());
+        }
+        b.execute(&plan, &weights, &step, None).unwrap();
+        let mut out = vec![f32::NAN; VOCAB];
+        b.read_output(&mut out).unwrap();
+        out
+    };
+    let mut clean = gpu_backend(&plan, &weights, kv, &dev);
+    let mut failed = gpu_backend(&plan, &weights, kv, &dev);
+    for (inputs, pos) in [(&prompt[..], 0), (&next[..], 6)] {
+        let want = run(&mut clean, inputs, pos, false);
+        let got = run(&mut failed, inputs, pos, true);
+        // nothing the failed steps did reached the buffers or the cache
+        assert_eq!(got, want, "after failed steps at position {pos}");
+    }
 }

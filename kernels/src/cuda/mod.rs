@@ -20,10 +20,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream};
 
-pub use cudarc::driver::{CudaGraph, CudaSlice as DeviceBuffer, DriverError};
+pub use cudarc::driver::{
+    CudaGraph, CudaSlice as DeviceBuffer, CudaView, CudaViewMut, DriverError,
+};
 pub use ops::{
-    decode_workspace_len, DeviceIn, DeviceKv, DeviceOut, DeviceWeight, GeluKind, DECODE_CHUNK,
-    DECODE_MAX_ROWS, GEMV_MAX_ROWS, MAX_HEAD_DIM,
+    decode_workspace_len, DeviceIn, DeviceKv, DeviceKvElem, DeviceKvLayer, DeviceOut, DeviceRows,
+    DeviceWeight, GeluKind, DECODE_CHUNK, DECODE_MAX_ROWS, GEMV_MAX_ROWS, MAX_GRID_YZ,
+    MAX_HEAD_DIM,
 };
 
 /// The `.cu` sources, embedded; `common.cuh` is prepended to each.
@@ -51,6 +54,7 @@ const KERNELS: [(&str, &[&str]); 3] = [
             "f32_to_f16",
             "add_bias",
             "kv_scatter",
+            "kv_scatter_f16",
         ],
     ),
     (
@@ -65,7 +69,13 @@ const KERNELS: [(&str, &[&str]); 3] = [
     ),
     (
         "attention",
-        &["attn_prefill", "attn_decode_split", "attn_decode_combine"],
+        &[
+            "attn_prefill",
+            "attn_prefill_f16",
+            "attn_decode_split",
+            "attn_decode_split_f16",
+            "attn_decode_combine",
+        ],
     ),
 ];
 

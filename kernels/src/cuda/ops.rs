@@ -6,11 +6,12 @@ use std::ffi::c_void;
 
 use cudarc::cublas::sys as blas_sys;
 use cudarc::driver::{
-    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
 };
 
 use super::{CudaError, Device, Result};
-use crate::{QuantType, WeightView};
+use crate::{KvDtype, QuantType, WeightView};
 
 /// Which GELU [`Device::gelu`] applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,17 +30,113 @@ pub struct DeviceWeight {
     pub row_stride: usize,
 }
 
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for u16 {}
+}
+
+/// A K/V pool element on the device: `f32` ([`KvDtype::F32`]), or `u16` holding
+/// IEEE f16 bits ([`KvDtype::F16`]): cudarc has no f16 type without its `f16`
+/// feature, and the GEMM's f16 scratch is `u16` likewise. Sealed: the kernels
+/// have an entry for each of these two and no other.
+pub trait DeviceKvElem: sealed::Sealed + DeviceRepr + ValidAsZeroBits + Copy + 'static {
+    const DTYPE: KvDtype;
+    /// the kernels' entries for this element type
+    const SCATTER: &'static str;
+    const PREFILL: &'static str;
+    const DECODE: &'static str;
+}
+
+impl DeviceKvElem for f32 {
+    const DTYPE: KvDtype = KvDtype::F32;
+    const SCATTER: &'static str = "kv_scatter";
+    const PREFILL: &'static str = "attn_prefill";
+    const DECODE: &'static str = "attn_decode_split";
+}
+
+impl DeviceKvElem for u16 {
+    const DTYPE: KvDtype = KvDtype::F16;
+    const SCATTER: &'static str = "kv_scatter_f16";
+    const PREFILL: &'static str = "attn_prefill_f16";
+    const DECODE: &'static str = "attn_decode_split_f16";
+}
+
 /// The paged K/V pools of one layer on the device, with a sequence's block table:
 /// the layout of [`crate::KvView`].
-#[derive(Clone, Copy, Debug)]
-pub struct DeviceKv<'a> {
-    pub k: &'a CudaSlice<f32>,
-    pub v: &'a CudaSlice<f32>,
+#[derive(Debug)]
+pub struct DeviceKv<'a, E: DeviceKvElem = f32> {
+    pub k: &'a CudaSlice<E>,
+    pub v: &'a CudaSlice<E>,
     pub block_size: usize,
-    pub block_table: &'a CudaSlice<u32>,
-    /// entries of `block_table` in use (the device buffer may be longer)
+    /// a view, so a sequence's table can be part of a longer buffer (a batched
+    /// step's tables, concatenated)
+    pub block_table: CudaView<'a, u32>,
+    /// entries of `block_table` in use (the view may be longer)
     pub n_blocks: usize,
     pub kv_dim: usize,
+}
+
+/// One layer's K/V pools on the device without a block table: what the
+/// sequences of a batched call share (the layout of [`crate::KvLayer`]).
+#[derive(Debug)]
+pub struct DeviceKvLayer<'a, E: DeviceKvElem = f32> {
+    pub k: &'a CudaSlice<E>,
+    pub v: &'a CudaSlice<E>,
+    pub block_size: usize,
+    pub kv_dim: usize,
+}
+
+impl<'a, E: DeviceKvElem> DeviceKvLayer<'a, E> {
+    /// The pools as one sequence sees them through `block_table` (`n_blocks`
+    /// entries in use).
+    pub fn with_table(&self, block_table: CudaView<'a, u32>, n_blocks: usize) -> DeviceKv<'a, E> {
+        DeviceKv {
+            k: self.k,
+            v: self.v,
+            block_size: self.block_size,
+            block_table,
+            n_blocks,
+            kv_dim: self.kv_dim,
+        }
+    }
+}
+
+/// Where each row of a batched call stands (rows of several sequences, those of
+/// a sequence consecutive): one entry per row, all on the device so a launch
+/// reads them there (written before the launches, or before a graph replay). The
+/// host that writes them guarantees what the kernels cannot check: each row's
+/// table covers its position, and every table entry names a block of the pool.
+#[derive(Debug)]
+pub struct DeviceRows<'a> {
+    /// the row's position in its sequence
+    pub positions: CudaView<'a, u32>,
+    /// every sequence's block table, one after another
+    pub tables: CudaView<'a, u32>,
+    /// where the row's sequence's table starts in `tables`
+    pub table_start: CudaView<'a, u32>,
+    /// the row's sequence's end (`first_pos + rows`): the keys a non-causal row
+    /// attends
+    pub seq_end: CudaView<'a, u32>,
+}
+
+impl DeviceRows<'_> {
+    /// Rows `r` of the batch (the tables stay whole: the starts index them).
+    pub fn rows(&self, r: std::ops::Range<usize>) -> DeviceRows<'_> {
+        DeviceRows {
+            positions: self.positions.slice(r.clone()),
+            tables: self.tables.slice(..),
+            table_start: self.table_start.slice(r.clone()),
+            seq_end: self.seq_end.slice(r),
+        }
+    }
+
+    fn check(&self, n: usize, what: &str) {
+        assert!(
+            self.positions.len() >= n && self.table_start.len() >= n && self.seq_end.len() >= n,
+            "{what}: fewer row entries than rows ({n})"
+        );
+    }
 }
 
 /// Largest head dimension the attention kernels take (`MAX_D` in attention.cu).
@@ -54,6 +151,8 @@ const GEMV_M: usize = 8;
 const GEMV_WIDE_ROWS: usize = 8192;
 /// Rows at or below which [`Device::attention`] uses the decode kernel.
 pub const DECODE_MAX_ROWS: usize = 4;
+/// Largest y and z of a launch grid: the decode kernel's splits and rows.
+pub const MAX_GRID_YZ: usize = 65535;
 
 const NULL: u64 = 0;
 
@@ -591,16 +690,17 @@ impl Device {
         Ok(())
     }
 
-    /// Writes rows `src` (`[n, kv_dim]`) into a paged pool at sequence positions
+    /// [`crate::reference::kv_store`] of rows `src` (`[n, kv_dim]`) into a paged
+    /// pool (f32, or f16 rounded to nearest even) at sequence positions
     /// `first_pos..first_pos + n`, through `block_table` (the layout of
     /// [`crate::KvView`]). Every table entry used must be below the pool's blocks.
     #[allow(clippy::too_many_arguments)]
-    pub fn kv_scatter(
+    pub fn kv_scatter<E: DeviceKvElem>(
         &self,
         src: &impl DeviceIn<f32>,
         n: usize,
         kv_dim: usize,
-        pool: &mut impl DeviceOut<f32>,
+        pool: &mut impl DeviceOut<E>,
         block_table: &impl DeviceIn<u32>,
         block_size: usize,
         first_pos: usize,
@@ -614,28 +714,20 @@ impl Device {
         if n == 0 {
             return Ok(());
         }
-        self.kv_scatter_launch(
-            src,
-            n,
-            kv_dim,
-            pool,
-            block_table,
-            block_size,
-            first_pos,
-            None,
-        )
+        let table = block_table.view();
+        self.kv_scatter_launch(src, n, kv_dim, pool, &table, block_size, first_pos, None)
     }
 
     /// [`Device::kv_scatter`] at the positions held on the device (`positions[i]`
     /// for row i; written before a CUDA graph replay). The caller guarantees the
     /// table covers them and addresses blocks of the pool.
     #[allow(clippy::too_many_arguments)]
-    pub fn kv_scatter_at(
+    pub fn kv_scatter_at<E: DeviceKvElem>(
         &self,
         src: &impl DeviceIn<f32>,
         n: usize,
         kv_dim: usize,
-        pool: &mut impl DeviceOut<f32>,
+        pool: &mut impl DeviceOut<E>,
         block_table: &impl DeviceIn<u32>,
         block_size: usize,
         positions: &impl DeviceIn<u32>,
@@ -649,37 +741,71 @@ impl Device {
         if n == 0 {
             return Ok(());
         }
-        let pos = positions.view();
-        self.kv_scatter_launch(src, n, kv_dim, pool, block_table, block_size, 0, Some(&pos))
+        let (table, pos) = (block_table.view(), positions.view());
+        let rows = (&pos, None);
+        self.kv_scatter_launch(src, n, kv_dim, pool, &table, block_size, 0, Some(rows))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn kv_scatter_launch(
+    /// [`Device::kv_scatter`] for a batch: row i goes to position
+    /// `rows.positions[i]` of its own sequence, through the table at
+    /// `rows.table_start[i]` in `rows.tables` (as the CPU backend stores a
+    /// step's sequences). The caller guarantees what [`DeviceRows`] says.
+    pub fn kv_scatter_rows<E: DeviceKvElem>(
         &self,
         src: &impl DeviceIn<f32>,
         n: usize,
         kv_dim: usize,
-        pool: &mut impl DeviceOut<f32>,
-        block_table: &impl DeviceIn<u32>,
+        pool: &mut impl DeviceOut<E>,
+        block_size: usize,
+        rows: &DeviceRows,
+    ) -> Result<()> {
+        assert_eq!(src.len(), n * kv_dim, "kv_scatter: src is not [n, kv_dim]");
+        assert!(block_size > 0, "kv_scatter: block_size must be > 0");
+        rows.check(n, "kv_scatter");
+        if n == 0 {
+            return Ok(());
+        }
+        let r = (&rows.positions, Some(&rows.table_start));
+        self.kv_scatter_launch(src, n, kv_dim, pool, &rows.tables, block_size, 0, Some(r))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn kv_scatter_launch<E: DeviceKvElem>(
+        &self,
+        src: &impl DeviceIn<f32>,
+        n: usize,
+        kv_dim: usize,
+        pool: &mut impl DeviceOut<E>,
+        table: &CudaView<'_, u32>,
         block_size: usize,
         first_pos: usize,
-        positions: Option<&CudaView<'_, u32>>,
+        // (positions, table starts)
+        rows: Option<(&CudaView<'_, u32>, Option<&CudaView<'_, u32>>)>,
     ) -> Result<()> {
+        assert!(
+            kv_dim > 0 && pool.len().is_multiple_of(kv_dim),
+            "kv_scatter: pool is not [slots, kv_dim]"
+        );
         let (bs, fp) = (
             i32_of(block_size, "block_size"),
             i32_of(first_pos, "first_pos"),
         );
         let (nn, d) = (i32_of(n, "n"), i32_of(kv_dim, "kv_dim"));
-        let (src, mut pool, table) = (src.view(), pool.view_mut(), block_table.view());
-        let mut b = self.stream.launch_builder(self.func("kv_scatter"));
-        b.arg(&src).arg(&mut pool).arg(&table).arg(&bs).arg(&fp);
-        match positions {
-            Some(p) => b.arg(p),
+        let (src, mut pool) = (src.view(), pool.view_mut());
+        let mut b = self.stream.launch_builder(self.func(E::SCATTER));
+        b.arg(&src).arg(&mut pool).arg(table).arg(&bs).arg(&fp);
+        match rows {
+            Some((p, _)) => b.arg(p),
+            None => b.arg(&NULL),
+        };
+        match rows.and_then(|(_, s)| s) {
+            Some(s) => b.arg(s),
             None => b.arg(&NULL),
         };
         b.arg(&nn).arg(&d);
-        // SAFETY: the table covers the positions; the caller guarantees its entries
-        // address blocks of the pool.
+        // SAFETY: argument types and count match the kernel; the callers checked
+        // (host positions) or guarantee (device positions) that each row's table
+        // covers its position and names blocks of the pool.
         unsafe { b.launch(grid_stride(n * kv_dim)) }?;
         Ok(())
     }
@@ -700,17 +826,7 @@ impl Device {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn check_attention(
-        q: &impl DeviceIn<f32>,
-        n_tokens: usize,
-        n_heads: usize,
-        n_kv_heads: usize,
-        head_dim: usize,
-        kv: &DeviceKv,
-        first_pos: usize,
-        out: &impl DeviceIn<f32>,
-    ) {
+    fn check_heads(n_heads: usize, n_kv_heads: usize, head_dim: usize, kv_dim: usize) {
         assert!(
             n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads),
             "attention: n_heads {n_heads} not a multiple of n_kv_heads {n_kv_heads}"
@@ -719,9 +835,23 @@ impl Device {
             head_dim > 0 && head_dim <= MAX_HEAD_DIM,
             "attention: head_dim {head_dim} outside 1..={MAX_HEAD_DIM}"
         );
+        assert_eq!(kv_dim, n_kv_heads * head_dim, "attention: kv_dim");
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_attention<E: DeviceKvElem>(
+        q: &impl DeviceIn<f32>,
+        n_tokens: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        kv: &DeviceKv<E>,
+        first_pos: usize,
+        out: &impl DeviceIn<f32>,
+    ) {
+        Self::check_heads(n_heads, n_kv_heads, head_dim, kv.kv_dim);
         assert_eq!(q.len(), n_tokens * n_heads * head_dim, "attention: q shape");
         assert_eq!(out.len(), q.len(), "attention: out shape");
-        assert_eq!(kv.kv_dim, n_kv_heads * head_dim, "attention: kv_dim");
         assert!(kv.block_size > 0, "attention: block_size must be > 0");
         assert!(
             kv.n_blocks <= kv.block_table.len(),
@@ -736,14 +866,14 @@ impl Device {
 
     /// [`crate::reference::attention`] with the flash-style prefill kernel.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_prefill(
+    pub fn attention_prefill<E: DeviceKvElem>(
         &self,
         q: &impl DeviceIn<f32>,
         n_tokens: usize,
         n_heads: usize,
         n_kv_heads: usize,
         head_dim: usize,
-        kv: &DeviceKv,
+        kv: &DeviceKv<E>,
         first_pos: usize,
         causal: bool,
         scale: f32,
@@ -770,9 +900,9 @@ impl Device {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(self.func("attn_prefill"));
+        let mut b = self.stream.launch_builder(self.func(E::PREFILL));
         let (q, mut out) = (q.view(), out.view_mut());
-        b.arg(&q).arg(kv.k).arg(kv.v).arg(kv.block_table);
+        b.arg(&q).arg(kv.k).arg(kv.v).arg(&kv.block_table);
         for v in &ints {
             b.arg(v);
         }
@@ -785,14 +915,14 @@ impl Device {
     /// [`crate::reference::attention`] with the paged decode kernel, split over the
     /// sequence in chunks of [`DECODE_CHUNK`] keys and merged by a second kernel.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_decode(
+    pub fn attention_decode<E: DeviceKvElem>(
         &self,
         q: &impl DeviceIn<f32>,
         n_tokens: usize,
         n_heads: usize,
         n_kv_heads: usize,
         head_dim: usize,
-        kv: &DeviceKv,
+        kv: &DeviceKv<E>,
         first_pos: usize,
         causal: bool,
         scale: f32,
@@ -818,9 +948,26 @@ impl Device {
             head_dim,
             n_splits,
         };
+        let pools = DeviceKvLayer {
+            k: kv.k,
+            v: kv.v,
+            block_size: kv.block_size,
+            kv_dim: kv.kv_dim,
+        };
         // ws stays in the device's scratch for the next call: the stream orders
         // that call's kernels after these.
-        self.decode_launch(q, &shape, kv, first_pos, None, causal, scale, ws, out)
+        let at = DecodeAt::Host(first_pos);
+        self.decode_launch(
+            q,
+            &shape,
+            &pools,
+            &kv.block_table,
+            at,
+            causal,
+            scale,
+            ws,
+            out,
+        )
     }
 
     /// [`Device::attention_decode`] with the rows' positions on the device
@@ -831,14 +978,14 @@ impl Device {
     /// the same at every position and can be captured once. The caller
     /// guarantees `positions[i] < kv.n_blocks * kv.block_size`.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_decode_at(
+    pub fn attention_decode_at<E: DeviceKvElem>(
         &self,
         q: &impl DeviceIn<f32>,
         n_tokens: usize,
         n_heads: usize,
         n_kv_heads: usize,
         head_dim: usize,
-        kv: &DeviceKv,
+        kv: &DeviceKv<E>,
         positions: &impl DeviceIn<u32>,
         causal: bool,
         scale: f32,
@@ -866,23 +1013,92 @@ impl Device {
             head_dim,
             n_splits,
         };
+        let pools = DeviceKvLayer {
+            k: kv.k,
+            v: kv.v,
+            block_size: kv.block_size,
+            kv_dim: kv.kv_dim,
+        };
         let pos = positions.view();
-        self.decode_launch(q, &shape, kv, 0, Some(&pos), causal, scale, ws, out)
+        let at = DecodeAt::Device(&pos);
+        self.decode_launch(
+            q,
+            &shape,
+            &pools,
+            &kv.block_table,
+            at,
+            causal,
+            scale,
+            ws,
+            out,
+        )
     }
 
+    /// [`crate::reference::attention_batch`] with the paged decode kernel: row i
+    /// (of any of the batch's sequences) at `rows.positions[i]`, through its own
+    /// sequence's table, attending its keys `0..position + 1` (causal) or
+    /// `0..rows.seq_end[i]`. The split count is sized for `max_keys` keys, which
+    /// the caller guarantees no row exceeds (a CUDA graph sizes it for the whole
+    /// pool; plain launches for the batch's longest sequence), and `ws` holds
+    /// [`decode_workspace_len`] for `n_tokens` rows and `max_keys`.
     #[allow(clippy::too_many_arguments)]
-    fn decode_launch(
+    pub fn attention_decode_rows<E: DeviceKvElem>(
         &self,
         q: &impl DeviceIn<f32>,
-        sh: &DecodeShape,
-        kv: &DeviceKv,
-        first_pos: usize,
-        positions: Option<&CudaView<'_, u32>>,
+        n_tokens: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        kv: &DeviceKvLayer<E>,
+        rows: &DeviceRows,
+        max_keys: usize,
         causal: bool,
         scale: f32,
         ws: &mut CudaSlice<f32>,
         out: &mut impl DeviceOut<f32>,
     ) -> Result<()> {
+        Self::check_heads(n_heads, n_kv_heads, head_dim, kv.kv_dim);
+        assert_eq!(q.len(), n_tokens * n_heads * head_dim, "attention: q shape");
+        assert_eq!(out.len(), q.len(), "attention: out shape");
+        assert!(kv.block_size > 0, "attention: block_size must be > 0");
+        assert_eq!(kv.k.len(), kv.v.len(), "attention: K and V pools differ");
+        rows.check(n_tokens, "attention");
+        if n_tokens == 0 {
+            return Ok(());
+        }
+        let n_splits = max_keys.div_ceil(DECODE_CHUNK).max(1);
+        assert!(
+            ws.len() >= decode_workspace_len(n_tokens, n_heads, head_dim, max_keys),
+            "attention: decode workspace too small"
+        );
+        let shape = DecodeShape {
+            n_tokens,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            n_splits,
+        };
+        let at = DecodeAt::Rows(rows);
+        self.decode_launch(q, &shape, kv, &rows.tables, at, causal, scale, ws, out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decode_launch<E: DeviceKvElem>(
+        &self,
+        q: &impl DeviceIn<f32>,
+        sh: &DecodeShape,
+        kv: &DeviceKvLayer<E>,
+        table: &CudaView<'_, u32>,
+        at: DecodeAt,
+        causal: bool,
+        scale: f32,
+        ws: &mut CudaSlice<f32>,
+        out: &mut impl DeviceOut<f32>,
+    ) -> Result<()> {
+        let first_pos = match at {
+            DecodeAt::Host(p) => p,
+            _ => 0,
+        };
         let ints = [
             i32_of(kv.block_size, "block_size"),
             i32_of(kv.kv_dim, "kv_dim"),
@@ -892,6 +1108,13 @@ impl Device {
             i32_of(sh.head_dim, "head_dim"),
             i32_of(first_pos, "first_pos"),
         ];
+        // grid y and z are at most 65535 (the callers size them within)
+        assert!(
+            sh.n_splits <= MAX_GRID_YZ && sh.n_tokens <= MAX_GRID_YZ,
+            "attention: {} splits x {} rows exceed the decode grid",
+            sh.n_splits,
+            sh.n_tokens
+        );
         let causal = causal as i32;
         let chunk = DECODE_CHUNK as i32;
         {
@@ -900,18 +1123,21 @@ impl Device {
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = self.stream.launch_builder(self.func("attn_decode_split"));
+            let mut b = self.stream.launch_builder(self.func(E::DECODE));
             let q = q.view();
-            b.arg(&q).arg(kv.k).arg(kv.v).arg(kv.block_table);
+            b.arg(&q).arg(kv.k).arg(kv.v).arg(table);
             for v in &ints {
                 b.arg(v);
             }
-            match positions {
-                Some(p) => b.arg(p),
-                None => b.arg(&NULL),
+            match at {
+                DecodeAt::Host(_) => b.arg(&NULL).arg(&NULL).arg(&NULL),
+                DecodeAt::Device(p) => b.arg(p).arg(&NULL).arg(&NULL),
+                DecodeAt::Rows(r) => b.arg(&r.positions).arg(&r.table_start).arg(&r.seq_end),
             };
             b.arg(&causal).arg(&scale).arg(&chunk).arg(&mut *ws);
-            // SAFETY: shapes checked by the callers; ws holds every split's partial.
+            // SAFETY: argument types and count match the kernel; shapes checked by
+            // the callers; ws holds every split's partial; the tables cover every
+            // row's keys (checked on the host, or guaranteed by the caller).
             unsafe { b.launch(cfg) }?;
         }
         let (ns, nh, hd) = (sh.n_splits as i32, sh.n_heads as i32, sh.head_dim as i32);
@@ -930,14 +1156,14 @@ impl Device {
 
     /// Decode kernel for up to [`DECODE_MAX_ROWS`] rows, prefill kernel above.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention(
+    pub fn attention<E: DeviceKvElem>(
         &self,
         q: &impl DeviceIn<f32>,
         n_tokens: usize,
         n_heads: usize,
         n_kv_heads: usize,
         head_dim: usize,
-        kv: &DeviceKv,
+        kv: &DeviceKv<E>,
         first_pos: usize,
         causal: bool,
         scale: f32,
@@ -953,4 +1179,15 @@ impl Device {
             )
         }
     }
+}
+
+/// Where the decode kernel's rows stand.
+#[derive(Clone, Copy)]
+enum DecodeAt<'r, 'a> {
+    /// rows `first_pos..`, one sequence
+    Host(usize),
+    /// `positions[i]`, one sequence
+    Device(&'r CudaView<'a, u32>),
+    /// a batch: each row with its own position, table and end
+    Rows(&'r DeviceRows<'a>),
 }
