@@ -2,8 +2,11 @@
 //! model as graph plans; image preprocessing; the tokenizer and conversation
 //! template; sampling; and the [`Engine`] and [`Session`] that run them.
 //!
-//! An [`Engine`] is loaded once from a `.mqf` file and shared between threads;
-//! each conversation is a [`Session`] with its own paged KV cache.
+//! An [`Engine`] is loaded once from a `.mqf` file and shared between threads.
+//! Its step loop serves every caller at once (continuous batching, chunked
+//! prefill, a shared prefix cache: see `docs/scheduler.md`); each conversation
+//! is a [`Session`] whose KV stays in the engine between turns, and
+//! [`Engine::submit`] queues a one-off request and returns its token stream.
 //!
 //! ```no_run
 //! use std::sync::Arc;
