@@ -107,37 +107,9 @@ impl CpuBackend {
         pool: std::sync::Arc<rayon::ThreadPool>,
     ) -> Result<Self> {
         let threads = pool.current_num_threads();
-        let mut output_rows = vec![false; plan.buffers.len()];
-        let mut gather_width = 0;
-        let mut accumulate_width = 0;
-        for op in &plan.ops {
-            if let Op::MatMul {
-                out,
-                epilogue: Epilogue::Accumulate,
-                ..
-            } = op
-            {
-                accumulate_width = accumulate_width.max(plan.buffer(*out).width);
-            }
-            if let Op::MatMul {
-                x,
-                out,
-                rows: Rows::Outputs,
-                ..
-            } = op
-            {
-                output_rows[out.0] = true;
-                gather_width = gather_width.max(plan.buffer(*x).width);
-            }
-        }
-        let mut buffer_lens = Vec::with_capacity(plan.buffers.len());
-        for (b, &o) in plan.buffers.iter().zip(&output_rows) {
-            let rows = if o { plan.max_outputs } else { plan.max_tokens };
-            let len = rows
-                .checked_mul(b.width)
-                .ok_or_else(|| Error::Other(format!("buffer `{}` size overflows", b.name)))?;
-            buffer_lens.push(len);
-        }
+        let layout = plan.buffer_layout()?;
+        let buffer_lens = layout.lens;
+        let output_rows = layout.output_rows;
         let buffers = buffer_lens
             .iter()
             .zip(&plan.buffers)
@@ -189,8 +161,8 @@ impl CpuBackend {
             }
             (None, _) => None,
         };
-        let gather_len = plan.max_outputs * gather_width;
-        let epilogue_len = plan.max_tokens * accumulate_width;
+        let gather_len = layout.gather_len;
+        let epilogue_len = layout.scratch_len;
         Ok(CpuBackend {
             pool,
             threads,

@@ -221,29 +221,13 @@ impl CudaBackend {
         dev: Arc<Device>,
         progress: Option<&LoadProgress>,
     ) -> Result<Self> {
-        let mut output_rows = vec![false; plan.buffers.len()];
-        let mut gather_width = 0;
-        let mut accumulate_width = 0;
+        let layout = plan.buffer_layout()?;
         let mut f32_weights: Vec<WeightId> = Vec::new();
         let mut matrices: Vec<WeightId> = Vec::new();
         let mut attn_heads = (0, 0);
         for op in &plan.ops {
             match op {
-                Op::MatMul {
-                    x,
-                    w,
-                    bias,
-                    out,
-                    rows,
-                    epilogue,
-                } => {
-                    if *epilogue == Epilogue::Accumulate {
-                        accumulate_width = accumulate_width.max(plan.buffer(*out).width);
-                    }
-                    if *rows == Rows::Outputs {
-                        output_rows[out.0] = true;
-                        gather_width = gather_width.max(plan.buffer(*x).width);
-                    }
+                Op::MatMul { w, bias, .. } => {
                     matrices.push(*w);
                     f32_weights.extend(bias);
                 }
@@ -278,16 +262,13 @@ impl CudaBackend {
                 p.report("uploading weights", done, total);
             }
         }
-        let mut buffers = Vec::with_capacity(plan.buffers.len());
-        let mut buffer_lens = Vec::with_capacity(plan.buffers.len());
-        for (b, &o) in plan.buffers.iter().zip(&output_rows) {
-            let rows = if o { plan.max_outputs } else { plan.max_tokens };
-            let len = rows
-                .checked_mul(b.width)
-                .ok_or_else(|| Error::Other(format!("buffer `{}` size overflows", b.name)))?;
-            buffers.push(Some(alloc(&dev, len)?));
-            buffer_lens.push(len);
-        }
+        let buffers = layout
+            .lens
+            .iter()
+            .map(|&len| alloc(&dev, len).map(Some))
+            .collect::<Result<Vec<_>>>()?;
+        let buffer_lens = layout.lens;
+        let output_rows = layout.output_rows;
         let kv = match (plan.kv, kv) {
             (Some(shape), Some(cfg)) => {
                 let elems = cfg
@@ -335,8 +316,8 @@ impl CudaBackend {
         let rows = plan.max_tokens.max(1);
         let u32s = |n: usize| dev.zeros::<u32>(n.max(1)).map_err(cu);
         Ok(CudaBackend {
-            gather: alloc(&dev, plan.max_outputs * gather_width)?,
-            scratch: alloc(&dev, plan.max_tokens * accumulate_width)?,
+            gather: alloc(&dev, layout.gather_len)?,
+            scratch: alloc(&dev, layout.scratch_len)?,
             positions: u32s(rows)?,
             ids: u32s(rows)?,
             table: u32s(table_len)?,

@@ -180,6 +180,50 @@ impl Plan {
         &self.buffers[id.0]
     }
 
+    /// How a backend lays out the plan's activation buffers (every backend
+    /// the same way): sizes checked against overflow.
+    pub fn buffer_layout(&self) -> Result<BufferLayout> {
+        let mut output_rows = vec![false; self.buffers.len()];
+        let mut gather_width = 0;
+        let mut accumulate_width = 0;
+        for op in &self.ops {
+            if let Op::MatMul {
+                x,
+                out,
+                rows,
+                epilogue,
+                ..
+            } = op
+            {
+                if *epilogue == Epilogue::Accumulate {
+                    accumulate_width = accumulate_width.max(self.buffer(*out).width);
+                }
+                if *rows == Rows::Outputs {
+                    output_rows[out.0] = true;
+                    gather_width = gather_width.max(self.buffer(*x).width);
+                }
+            }
+        }
+        let mut lens = Vec::with_capacity(self.buffers.len());
+        for (b, &o) in self.buffers.iter().zip(&output_rows) {
+            let rows = if o { self.max_outputs } else { self.max_tokens };
+            let len = rows
+                .checked_mul(b.width)
+                .ok_or_else(|| Error::Other(format!("buffer `{}` size overflows", b.name)))?;
+            lens.push(len);
+        }
+        let checked = |rows: usize, width: usize, what: &str| {
+            rows.checked_mul(width)
+                .ok_or_else(|| Error::Other(format!("the {what} buffer size overflows")))
+        };
+        Ok(BufferLayout {
+            gather_len: checked(self.max_outputs, gather_width, "output-row gather")?,
+            scratch_len: checked(self.max_tokens, accumulate_width, "epilogue")?,
+            output_rows,
+            lens,
+        })
+    }
+
     /// The plan's ops cut at its breaks: ranges covering `0..ops.len()` in order.
     pub fn slices(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
         let ends = self
@@ -195,6 +239,20 @@ impl Plan {
             (!r.is_empty()).then_some(r)
         })
     }
+}
+
+/// [`Plan::buffer_layout`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BufferLayout {
+    /// buffers that hold only a step's output rows (written by `Rows::Outputs`
+    /// matmuls): `max_outputs` rows instead of `max_tokens`
+    pub output_rows: Vec<bool>,
+    /// f32 elements of each buffer
+    pub lens: Vec<usize>,
+    /// elements of the gathered input rows of a `Rows::Outputs` matmul
+    pub gather_len: usize,
+    /// elements of an accumulating matmul's results before the add
+    pub scratch_len: usize,
 }
 
 /// Builds a [`Plan`] op by op; models call it from their `forward` methods.

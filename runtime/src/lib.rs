@@ -18,8 +18,8 @@ pub use device::{DeviceChoice, Resolved};
 pub use error::{Error, Result};
 pub use format::{MetaValue, Metadata, MqfFile, MqfWriter, TensorInfo, TensorRef, TensorSpec};
 pub use graph::{
-    BindOptions, BufId, Epilogue, GeluKind, KvShape, LoadProgress, Op, Plan, PlanBuilder, Rows,
-    WeightId, Weights,
+    BindOptions, BufId, BufferLayout, Epilogue, GeluKind, KvShape, LoadProgress, Op, Plan,
+    PlanBuilder, Rows, WeightId, Weights,
 };
 pub use kv::{BlockHash, BlockPool, PosKey, SeqId};
 pub use mipha_kernels::{KvDtype, QuantType};
