@@ -11,9 +11,6 @@ const PROJECTOR_PREFIX: &str = "model.mm_projector.";
 const EMBED: &str = "model.embed_tokens.weight";
 const LM_HEAD: &str = "lm_head.weight";
 
-/// Bytes per value of the KV cache (the CPU backend keeps K and V as f32).
-pub const KV_BYTES: u64 = 4;
-
 #[derive(Clone, Debug)]
 pub struct ModelCost {
     /// storage type of most language-model matrix bytes
@@ -138,16 +135,28 @@ impl ModelCost {
         })
     }
 
-    /// Bytes read per decoded token, averaged over `gen` tokens decoded after a
-    /// context of `ctx` positions: the weights plus the K and V rows attended to.
-    pub fn decode_bytes(&self, ctx: usize, gen: usize) -> f64 {
+    /// K and V bytes one stream reads per decoded token, averaged over `gen`
+    /// tokens decoded after a context of `ctx` positions, with `kv_elem` bytes
+    /// per cached value (the engine's KV element type).
+    pub fn kv_bytes(&self, ctx: usize, gen: usize, kv_elem: usize) -> f64 {
         let avg_ctx = ctx as f64 + gen as f64 / 2.0;
-        self.lm_stream_bytes as f64 + 2.0 * (self.layers * self.kv_dim * KV_BYTES) as f64 * avg_ctx
+        2.0 * (self.layers * self.kv_dim * kv_elem as u64) as f64 * avg_ctx
     }
 
-    /// Decode bound (tokens/s) at `bandwidth` bytes/s.
-    pub fn decode_bound(&self, bandwidth: f64, ctx: usize, gen: usize) -> f64 {
-        bandwidth / self.decode_bytes(ctx, gen)
+    /// Decode bound (tokens/s, all streams together) at `bandwidth` bytes/s with
+    /// `streams` sequences decoding in each step: a step reads the weights once
+    /// and each stream's own K and V rows, and gives one token per stream.
+    pub fn decode_bound(
+        &self,
+        bandwidth: f64,
+        ctx: usize,
+        gen: usize,
+        streams: usize,
+        kv_elem: usize,
+    ) -> f64 {
+        let k = streams.max(1) as f64;
+        let step_bytes = self.lm_stream_bytes as f64 + k * self.kv_bytes(ctx, gen, kv_elem);
+        k * bandwidth / step_bytes
     }
 
     /// Seconds `n` prompt positions (after `start` cached ones, logits of the last

@@ -5,17 +5,20 @@
 //! thread count, in a child process of its own (so each peak RSS is its own):
 //! load time, image preprocessing, SigLIP tower and projector, prefill at each
 //! prompt length and for the image prompt, decode after a short and a long
-//! context, time to first token for a picture and a question, peak RSS. Every
-//! figure is a median (min–max) over repetitions and, where it has one, a
-//! fraction of its bound: decode against bandwidth ÷ bytes read per token,
-//! prefill and vision against operations ÷ peak rate. Output: a table, or JSON
-//! lines with `--json`. See `bench/README.md`.
+//! context, time to first token for a picture and a question, several streams
+//! at once (aggregate decode, inter-token gaps, time to first token under
+//! load, a picture arriving while others decode), peak RSS. Every figure is a
+//! median (min–max) over repetitions, or p50 and p99 of a distribution, and,
+//! where it has one, a fraction of its bound: decode against bandwidth ÷ bytes
+//! read per token, prefill and vision against operations ÷ peak rate. Output: a
+//! table, or JSON lines with `--json`. See `bench/README.md`.
 //!
 //! Without `--model` it synthesizes the full-size Mipha-3B (random weights in
 //! the real shapes) once per quant type and caches it.
 
 mod cost;
 mod probe;
+mod streams;
 mod worker;
 
 use std::io::{BufRead, Write};
@@ -24,6 +27,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
 use clap::Parser;
+use mipha_models::{EngineOptions, KvDtype};
 use mipha_runtime::DeviceChoice;
 use mipha_runtime::{MqfFile, QuantType};
 
@@ -31,7 +35,7 @@ use cost::{ModelCost, Peaks};
 use worker::{Raw, Spec};
 
 /// Every figure name, as written in the JSON lines.
-pub const FIGURES: [&str; 11] = [
+pub const FIGURES: [&str; 17] = [
     "mem_read_gb_s",
     "f32_fma_gflop_s",
     "int8_dot_gop_s",
@@ -42,8 +46,17 @@ pub const FIGURES: [&str; 11] = [
     "prefill_tok_s",
     "ttft_image_ms",
     "decode_tok_s",
+    "batch_decode_tok_s",
+    "itl_ms",
+    "ttft_ms",
+    "clients_tok_s",
+    "image_itl_ms",
+    "ttft_image_under_load_ms",
     "peak_rss_mb",
 ];
+/// Figures whose samples are a distribution (every gap, every request) rather
+/// than one value per repetition: their rows also give `p50` and `p99`.
+pub const PERCENTILE_FIGURES: [&str; 3] = ["itl_ms", "ttft_ms", "image_itl_ms"];
 pub const UNITS: [&str; 6] = ["ms", "tok/s", "MB", "GB/s", "GFLOP/s", "GOP/s"];
 
 /// About 20 tokens, asked about the picture for the image figures.
@@ -83,9 +96,21 @@ struct Args {
     /// Context lengths before decoding, 0 for none [default: 16,1024; --quick: 16].
     #[arg(long, value_delimiter = ',')]
     decode_ctx: Option<Vec<usize>>,
-    /// Tokens decoded after each context [default: 128; --quick: 16].
+    /// Tokens decoded after each context, and by each stream or client request of
+    /// the streams figures [default: 128; --quick: 16].
     #[arg(long)]
     gen: Option<usize>,
+    /// Requests running at once in the batch-decode and closed-loop figures, 0
+    /// for none [default: 1,2,4,8; --quick: 1,4].
+    #[arg(long, value_delimiter = ',')]
+    streams: Option<Vec<usize>>,
+    /// `streams` of the picture-under-load figures: this many minus one text
+    /// streams decode while a picture request comes in; 0 skips them.
+    #[arg(long, default_value_t = 4)]
+    image_streams: usize,
+    /// The KV cache's element type, f16 or f32 [default: the engine's].
+    #[arg(long, value_parser = parse_kv_dtype)]
+    kv_dtype: Option<KvDtype>,
     /// The picture of the image figures (preprocessed to the model's size).
     #[arg(long, default_value = "assets/examples/chelsea.png")]
     image: PathBuf,
@@ -107,7 +132,8 @@ struct Args {
     #[arg(long)]
     probe_seconds: Option<f64>,
     /// A smoke run of about a minute: q4_0 only, 1 repetition, prefill 64, 16
-    /// tokens decoded after 16, one vision encode, short probes.
+    /// tokens decoded after 16, one vision encode, 1 and 4 streams, one picture
+    /// under load, short probes.
     #[arg(long)]
     quick: bool,
     /// One JSON object per line and figure.
@@ -128,6 +154,13 @@ struct Args {
 
 fn parse_device(s: &str) -> Result<DeviceChoice, String> {
     s.parse()
+}
+
+fn parse_kv_dtype(s: &str) -> Result<KvDtype, String> {
+    [KvDtype::F16, KvDtype::F32]
+        .into_iter()
+        .find(|d| d.name() == s)
+        .ok_or_else(|| format!("`{s}`: the KV cache holds f16 or f32"))
 }
 
 /// What the run measures, after `--quick` filled in what was not given.
@@ -176,6 +209,17 @@ fn settings(a: &Args) -> Settings {
             ttft: !a.no_ttft && !q,
             question: a.question.clone(),
             device: a.device,
+            kv_dtype: a
+                .kv_dtype
+                .unwrap_or_else(|| EngineOptions::default().kv_dtype),
+            streams: a
+                .streams
+                .clone()
+                .unwrap_or_else(|| if q { vec![1, 4] } else { vec![1, 2, 4, 8] })
+                .into_iter()
+                .filter(|&k| k > 0)
+                .collect(),
+            image_streams: a.image_streams,
         },
         probe_bytes: a.probe_mib.max(1) << 20,
         probe_time: Duration::from_secs_f64(
@@ -193,6 +237,8 @@ struct Figure {
     vision_quant: Option<String>,
     threads: usize,
     tokens: Option<usize>,
+    /// requests running at once while it was measured (`None`: no request)
+    streams: Option<usize>,
     unit: &'static str,
     samples: Vec<f64>,
     /// the best the machine allows, in `unit`
@@ -213,6 +259,17 @@ impl Figure {
         (med, s[0], s[n - 1])
     }
 
+    /// p50 (the median) and p99 (nearest rank), for distributions.
+    fn percentiles(&self) -> Option<(f64, f64)> {
+        if !PERCENTILE_FIGURES.contains(&self.name) {
+            return None;
+        }
+        let mut s = self.samples.clone();
+        s.sort_by(|a, b| a.total_cmp(b));
+        let rank = (0.99 * s.len() as f64).ceil().max(1.0) as usize;
+        Some((self.stats().0, s[rank.min(s.len()) - 1]))
+    }
+
     /// Rates are better high, times low; the fraction is ≤ 1 either way.
     fn bound_fraction(&self) -> Option<f64> {
         let (med, _, _) = self.stats();
@@ -226,10 +283,12 @@ impl Figure {
 
     fn json(&self) -> serde_json::Value {
         let (median, min, max) = self.stats();
+        let p = self.percentiles();
         serde_json::json!({
             "figure": self.name, "quant": self.quant, "vision_quant": self.vision_quant,
-            "threads": self.threads, "tokens": self.tokens,
+            "threads": self.threads, "tokens": self.tokens, "streams": self.streams,
             "median": median, "min": min, "max": max,
+            "p50": p.map(|p| p.0), "p99": p.map(|p| p.1),
             "bound_fraction": self.bound_fraction(), "bound": self.bound,
             "unit": self.unit, "note": self.note,
         })
@@ -413,6 +472,7 @@ fn cpu_bounds(s: &Settings, header: &mut Vec<String>, sink: &mut Sink) -> BoxRes
                 vision_quant: None,
                 threads: t,
                 tokens: None,
+                streams: None,
                 unit,
                 samples: r.samples.clone(),
                 bound: None,
@@ -482,11 +542,12 @@ fn run(args: &Args) -> BoxResult<()> {
         let vq = cost.vision_quant.map(|q| q.to_string());
         header.push(format!(
             "model {quant}: {} ({:.2} GB; language model {quant}, vision tower and projector {}; \
-             a decoded token reads {:.2} GB of weights)",
+             a decoded token reads {:.2} GB of weights; KV cache {})",
             path.display(),
             cost.file_bytes as f64 / 1e9,
             vq.as_deref().unwrap_or("none"),
             cost.lm_stream_bytes as f64 / 1e9,
+            s.spec.kv_dtype.name(),
         ));
         eprintln!("{}", header.last().expect("pushed"));
         for (i, &t) in s.threads.iter().enumerate() {
@@ -494,13 +555,14 @@ fn run(args: &Args) -> BoxResult<()> {
                 if raw.samples.is_empty() {
                     return Ok(());
                 }
-                let bound = bound_of(&raw, &cost, &bounds[i], s.spec.gen);
+                let bound = bound_of(&raw, &cost, &bounds[i], &s.spec);
                 sink.push(Figure {
                     name: raw.figure,
                     quant: Some(quant.clone()),
                     vision_quant: vq.clone(),
                     threads: t,
                     tokens: raw.tokens,
+                    streams: raw.streams,
                     unit: raw.unit,
                     samples: raw.samples,
                     bound,
@@ -562,7 +624,10 @@ fn spawn_worker(
         .args(["--decode-ctx", &list(&spec.decode_ctx)])
         .args(["--gen", &spec.gen.to_string()])
         .args(["--question", &spec.question])
-        .args(["--device", &device_arg(spec.device)]);
+        .args(["--device", &device_arg(spec.device)])
+        .args(["--kv-dtype", spec.kv_dtype.name()])
+        .args(["--streams", &list(&spec.streams)])
+        .args(["--image-streams", &spec.image_streams.to_string()]);
     match &spec.image {
         Some(img) => cmd.arg("--image").arg(img),
         None => cmd.arg("--no-image"),
@@ -646,6 +711,7 @@ fn gpu_bounds(
             vision_quant: None,
             threads: 0,
             tokens: None,
+            streams: None,
             unit,
             samples,
             bound: None,
@@ -664,13 +730,17 @@ fn gpu_bounds(
 }
 
 /// The bound of a figure in its own unit, where it has one.
-fn bound_of(raw: &Raw, cost: &ModelCost, b: &Bounds, gen: usize) -> Option<f64> {
+fn bound_of(raw: &Raw, cost: &ModelCost, b: &Bounds, spec: &Spec) -> Option<f64> {
+    let kv = spec.kv_dtype.size_bytes();
     match raw.figure {
-        "decode_tok_s" => Some(cost.decode_bound(b.bandwidth, raw.tokens?, gen)),
+        "decode_tok_s" => Some(cost.decode_bound(b.bandwidth, raw.tokens?, spec.gen, 1, kv)),
+        "batch_decode_tok_s" => {
+            Some(cost.decode_bound(b.bandwidth, raw.tokens?, spec.gen, raw.streams?, kv))
+        }
         "prefill_tok_s" => Some(cost.prefill_bound(raw.tokens?, &b.peaks)),
         "vision_encode_ms" => {
             let tower = cost.tower_seconds(&b.peaks)?;
-            let with_projector = raw.note.as_deref() == Some("tower + projector");
+            let with_projector = raw.note.as_deref() == Some(worker::TOWER_AND_PROJECTOR);
             let proj = if with_projector {
                 cost.projector_seconds(&b.peaks)?
             } else {
@@ -702,27 +772,39 @@ fn print_table(header: &[String], figures: &[Figure]) {
     }
     println!();
     println!(
-        "{:<19} {:<5} {:>7} {:>6}  {:<34} {:>8}  note",
-        "figure", "quant", "threads", "tokens", "median (min–max)", "of bound"
+        "{:<24} {:<5} {:>7} {:>6} {:>7}  {:<40} {:>8}  note",
+        "figure", "quant", "threads", "tokens", "streams", "median (min–max)", "of bound"
     );
     for f in figures {
         let (med, min, max) = f.stats();
-        let value = format!(
-            "{} ({}–{}) {}",
-            fmt_num(med),
-            fmt_num(min),
-            fmt_num(max),
-            f.unit
-        );
+        let value = match f.percentiles() {
+            Some((p50, p99)) => format!(
+                "p50 {} p99 {} ({}–{}) {}",
+                fmt_num(p50),
+                fmt_num(p99),
+                fmt_num(min),
+                fmt_num(max),
+                f.unit
+            ),
+            None => format!(
+                "{} ({}–{}) {}",
+                fmt_num(med),
+                fmt_num(min),
+                fmt_num(max),
+                f.unit
+            ),
+        };
         let frac = f
             .bound_fraction()
             .map_or_else(String::new, |x| format!("{:.1}%", x * 100.0));
+        let opt = |v: Option<usize>| v.map_or_else(String::new, |t| t.to_string());
         println!(
-            "{:<19} {:<5} {:>7} {:>6}  {:<34} {:>8}  {}",
+            "{:<24} {:<5} {:>7} {:>6} {:>7}  {:<40} {:>8}  {}",
             f.name,
             f.quant.as_deref().unwrap_or("-"),
             f.threads,
-            f.tokens.map_or_else(String::new, |t| t.to_string()),
+            opt(f.tokens),
+            opt(f.streams),
             value,
             frac,
             f.note.as_deref().unwrap_or("")
@@ -731,12 +813,17 @@ fn print_table(header: &[String], figures: &[Figure]) {
     println!();
     println!(
         "Bounds: decode = memory read bandwidth ÷ bytes per token (language-model weights, one \
-         embedding row, K and V rows at the average context, f32); prefill = (2 × matmul params per \
-         position + 4 × context × hidden per position and layer for attention) ÷ peak; vision = \
-         (2 × tower or projector params × patches + 4 × patches² × hidden per layer) ÷ peak. Matmuls \
-         with Q8_0/Q4_0 weights use the int8 dot peak, others and attention the f32 FMA peak. \
-         vision_encode_ms is the SigLIP tower alone when a projector_ms row follows (split at \
-         the tower's last hidden-state tap). ttft_image_ms: image file to first token (decode, \
-         preprocess, tower, projector, tokenize, prefill, first sample)."
+         embedding row, K and V rows at the average context in the KV cache's element type); \
+         batch_decode_tok_s = streams × bandwidth ÷ (weights + streams × K and V rows) per step; \
+         prefill = (2 × matmul params per position + 4 × context × hidden per position and layer \
+         for attention) ÷ peak; vision = (2 × tower or projector params × patches + 4 × patches² × \
+         hidden per layer) ÷ peak. Matmuls with Q8_0/Q4_0 weights use the int8 dot peak, others and \
+         attention the f32 FMA peak. vision_encode_ms is the SigLIP tower alone when a projector_ms \
+         row follows (the step loop's per-slice times: every layer slice, then the projector \
+         slice). ttft_image_ms: image file to first token (decode, preprocess, tower, projector, \
+         tokenize, prefill, first sample). Distributions (itl_ms, ttft_ms, image_itl_ms) show p50 \
+         and p99 of every sample, with min–max. Targets: batch_decode_tok_s ≥ 3.2× one stream at \
+         4 streams, ≥ 5× at 8; itl_ms p99 at 4 streams ≤ 1.6× one stream's; image_itl_ms p99 ≤ \
+         400 ms (reference: 2 cores)."
     );
 }

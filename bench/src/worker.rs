@@ -7,12 +7,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use mipha_models::image::load_image;
-use mipha_models::siglip::TAP_HIDDEN;
 use mipha_models::{
-    DeviceChoice, Engine, EngineOptions, GenerateOptions, Logits, PromptId, Sampler,
-    SamplingParams, StopReason, Turn,
+    DeviceChoice, Engine, EngineOptions, GenerateOptions, GenerateRequest, KvDtype, Logits,
+    PromptId, PromptItem, Sampler, SamplingParams, StopReason, Turn,
 };
-use mipha_runtime::{Capture, Input};
+use mipha_runtime::Input;
+
+use crate::streams::{self, StreamsSpec};
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -32,12 +33,21 @@ pub struct Spec {
     pub question: String,
     /// where the engine runs (`--device`)
     pub device: DeviceChoice,
+    /// the KV cache's element type; the decode bounds read its size
+    pub kv_dtype: KvDtype,
+    /// concurrency levels of the batch and closed-loop figures (`--streams`)
+    pub streams: Vec<usize>,
+    /// `streams` of the picture-under-load figures (k − 1 text streams and the
+    /// picture); 0: none
+    pub image_streams: usize,
 }
 
 /// One figure's samples, as the worker reports them.
 pub struct Raw {
     pub figure: &'static str,
     pub tokens: Option<usize>,
+    /// requests running concurrently while it was measured (`None`: no request)
+    pub streams: Option<usize>,
     pub unit: &'static str,
     pub samples: Vec<f64>,
     pub note: Option<String>,
@@ -46,7 +56,8 @@ pub struct Raw {
 impl Raw {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
-            "figure": self.figure, "tokens": self.tokens, "unit": self.unit,
+            "figure": self.figure, "tokens": self.tokens, "streams": self.streams,
+            "unit": self.unit,
             "samples": self.samples, "note": self.note,
         })
     }
@@ -61,6 +72,7 @@ impl Raw {
         Some(Raw {
             figure,
             tokens: v["tokens"].as_u64().map(|t| t as usize),
+            streams: v["streams"].as_u64().map(|t| t as usize),
             unit,
             samples: v["samples"]
                 .as_array()?
@@ -74,7 +86,7 @@ impl Raw {
 
 /// Prints a figure for the parent at once (a long run shows progress and
 /// keeps what it measured if a later step fails).
-fn emit(raw: Raw) {
+pub fn emit(raw: Raw) {
     let mut out = std::io::stdout().lock();
     // A closed pipe means the parent is gone; nothing left to report to.
     let _ = writeln!(out, "{}", raw.to_json());
@@ -94,28 +106,27 @@ fn text_prompt(n: usize) -> Vec<Input<'static>> {
     text_ids(n).into_iter().map(Input::Token).collect()
 }
 
-/// Notes when the vision tower's last hidden state is tapped: the projector
-/// runs after it, so the encode splits into tower and projector time.
-struct TowerTimer {
-    tap: String,
-    at: Option<Instant>,
-}
-
-impl Capture for TowerTimer {
-    fn tap(&mut self, name: &str, _rows: &[f32], _width: usize) {
-        if name == self.tap {
-            self.at = Some(Instant::now());
-        }
-    }
-}
+/// The note of a `vision_encode_ms` row that holds the projector too, whose
+/// bound then adds the projector's.
+pub const TOWER_AND_PROJECTOR: &str = "tower + projector";
 
 pub fn run(model: &Path, threads: usize, spec: &Spec, label: &str) -> BoxResult<()> {
     let say = |msg: String| eprintln!("[{label} t={threads}] {msg}");
     let reps = spec.reps.max(1);
+    let max_streams = spec
+        .streams
+        .iter()
+        .copied()
+        .chain([spec.image_streams])
+        .max();
+    let defaults = EngineOptions::default();
     let opts = EngineOptions {
         threads,
         device: spec.device,
-        ..EngineOptions::default()
+        kv_dtype: spec.kv_dtype,
+        // every stream of a figure runs at once, none waits in the queue
+        max_sequences: defaults.max_sequences.max(max_streams.unwrap_or(1)),
+        ..defaults
     };
     let mut load = Vec::new();
     let mut engine = None;
@@ -130,6 +141,7 @@ pub fn run(model: &Path, threads: usize, spec: &Spec, label: &str) -> BoxResult<
     emit(Raw {
         figure: "load_ms",
         tokens: None,
+        streams: None,
         unit: "ms",
         samples: load,
         note: Some("Engine::load: mmap, bind (and repack) weights, plans".into()),
@@ -165,21 +177,18 @@ pub fn run(model: &Path, threads: usize, spec: &Spec, label: &str) -> BoxResult<
         emit(Raw {
             figure: "prefill_tok_s",
             tokens: Some(n),
+            streams: Some(1),
             unit: "tok/s",
             samples,
             note: Some("text prompt".into()),
         });
     }
 
-    // Decode through `Engine::generate`, the engine's own loop (sampling and text
-    // pieces included): a fresh sequence per repetition, prefilled with `ctx`
-    // tokens, then `gen` tokens fed back (`gen + 1` sampled; the last is not fed).
-    let gen_opts = GenerateOptions {
-        max_tokens: spec.gen + 1,
-        ignore_eos: true,
-        sampling: SamplingParams::default(),
-        ..GenerateOptions::default()
-    };
+    // Single-stream decode on the serving path: one request through `submit`,
+    // read on this thread like any client's stream (sampling and text pieces
+    // included). `gen + 1` tokens are sampled, so `gen` decode steps lie between
+    // the first token (the prefill's) and the last. Repetitions send the same
+    // context again: the prefix cache holds it, and decode reads the same KV.
     for &ctx in spec.decode_ctx.iter().filter(|&&c| c > 0) {
         if ctx + spec.gen + 1 > engine.context_length() || spec.gen == 0 {
             say(format!(
@@ -187,28 +196,45 @@ pub fn run(model: &Path, threads: usize, spec: &Spec, label: &str) -> BoxResult<
             ));
             continue;
         }
-        let prompt = text_ids(ctx);
+        let prompt: Vec<PromptItem> = text_ids(ctx).into_iter().map(PromptItem::Token).collect();
         let mut samples = Vec::new();
         for r in 0..reps {
-            let g = engine.generate(&prompt, &gen_opts, |_, _| true)?;
-            if g.stop_reason != StopReason::MaxTokens {
-                return Err(format!("decode stopped early: {}", g.stop_reason.as_str()).into());
+            let g = engine.submit(GenerateRequest {
+                prompt: prompt.clone(),
+                options: GenerateOptions {
+                    max_tokens: spec.gen + 1,
+                    ignore_eos: true,
+                    sampling: SamplingParams::default(),
+                    ..GenerateOptions::default()
+                },
+                ..GenerateRequest::default()
+            })?;
+            let (times, f) = streams::read_stream(g, None)?;
+            if f.stop != StopReason::MaxTokens {
+                return Err(format!("decode stopped early: {}", f.stop.as_str()).into());
             }
-            let fed = g.tokens.len().saturating_sub(1);
-            samples.push(fed as f64 / g.timings.decode.as_secs_f64());
+            let (first, last) = (times[0], times[times.len() - 1]);
+            samples.push((times.len() - 1) as f64 / (last - first).as_secs_f64());
             say(format!(
-                "decode {fed} after {ctx}: {:.2} tok/s ({}/{reps}; prefill {:.2} tok/s)",
+                "decode {} after {ctx}: {:.2} tok/s ({}/{reps}; first token after {:.0} ms, \
+                 {} of {ctx} context positions reused)",
+                times.len() - 1,
                 samples[r],
                 r + 1,
-                ctx as f64 / g.timings.prefill.as_secs_f64()
+                ms(f.stats.time_to_first_token),
+                f.stats.reused_positions
             ));
         }
         emit(Raw {
             figure: "decode_tok_s",
             tokens: Some(ctx),
+            streams: Some(1),
             unit: "tok/s",
             samples,
-            note: Some(format!("{} greedy tokens, Engine::generate", spec.gen)),
+            note: Some(format!(
+                "{} greedy tokens, one stream through Engine::submit",
+                spec.gen
+            )),
         });
     }
 
@@ -220,10 +246,25 @@ pub fn run(model: &Path, threads: usize, spec: &Spec, label: &str) -> BoxResult<
         }
     }
 
+    // After the image figures, whose first pass pages in the vision weights.
+    streams::run(
+        &engine,
+        &StreamsSpec {
+            reps,
+            gen: spec.gen,
+            streams: &spec.streams,
+            image_streams: spec.image_streams,
+            image: spec.image.as_deref(),
+            question: &spec.question,
+        },
+        &say,
+    )?;
+
     if let Some(rss) = peak_rss_mb() {
         emit(Raw {
             figure: "peak_rss_mb",
             tokens: None,
+            streams: None,
             unit: "MB",
             samples: vec![rss],
             note: Some("VmHWM of this quant and thread count's process".into()),
@@ -243,7 +284,6 @@ fn image_figures(
     say: &dyn Fn(String),
 ) -> BoxResult<()> {
     let cfg = engine.image_config().expect("checked by the caller");
-    let layers = engine.vision_config().map_or(0, |v| v.num_hidden_layers);
     let mut pre = Vec::new();
     let mut tower = Vec::new();
     let mut projector = Vec::new();
@@ -257,26 +297,30 @@ fn image_figures(
         let t0 = Instant::now();
         let img = load_image(image, cfg)?;
         let t1 = Instant::now();
-        let mut timer = TowerTimer {
-            tap: format!("{TAP_HIDDEN}.{layers}"),
-            at: None,
-        };
-        // The tower / projector split needs the tap, which the plain path has not.
-        std::hint::black_box(engine.encode_pixels(&img.pixels, Some(&mut timer))?);
-        let t2 = Instant::now();
+        // The step loop times each slice of the vision plan: one per encoder
+        // layer (the first with the patch embedding), the projector last.
+        let (embeds, st) = engine.encode_image_timed(&img.pixels)?;
+        std::hint::black_box(embeds);
         pre.push(ms(t1 - t0));
-        encode.push(ms(t2 - t1));
-        match timer.at {
-            Some(at) => {
-                tower.push(ms(at - t1));
-                projector.push(ms(t2 - at));
+        encode.push(ms(st.elapsed));
+        match st.slices.split_last() {
+            // A device that runs the slices asynchronously returns from each
+            // before its work is done; only the whole encode then means anything.
+            Some((last, layers))
+                if !layers.is_empty()
+                    && st.slices.iter().sum::<Duration>().as_secs_f64()
+                        >= 0.8 * st.elapsed.as_secs_f64() =>
+            {
+                tower.push(ms(layers.iter().sum()));
+                projector.push(ms(*last));
             }
-            None => split = false,
+            _ => split = false,
         }
         if spec.ttft {
-            // Time to first token is its own run, image file to sampled token, on
-            // the library's path: `encode_image` leaves the embeddings where the
-            // vision plan ran (on a GPU they never come back to the host).
+            // Time to first token is its own run, image file to sampled token.
+            // A hand-driven sequence, so the prefix cache holds nothing of an
+            // earlier pass (on a GPU `forward` brings the embeddings back to
+            // the host first; the picture-under-load run goes through `submit`).
             let t0 = Instant::now();
             let img = load_image(image, cfg)?;
             let embeds = engine.encode_image(&img.pixels)?;
@@ -332,6 +376,7 @@ fn image_figures(
     emit(Raw {
         figure: "image_preprocess_ms",
         tokens: None,
+        streams: Some(1),
         unit: "ms",
         samples: pre,
         note: Some(format!("decode + resize to {side} + normalise")),
@@ -341,6 +386,7 @@ fn image_figures(
         emit(Raw {
             figure: "vision_encode_ms",
             tokens: Some(patches),
+            streams: Some(1),
             unit: "ms",
             samples: tower,
             note: Some("SigLIP tower".into()),
@@ -348,6 +394,7 @@ fn image_figures(
         emit(Raw {
             figure: "projector_ms",
             tokens: Some(patches),
+            streams: Some(1),
             unit: "ms",
             samples: projector,
             note: None,
@@ -356,9 +403,10 @@ fn image_figures(
         emit(Raw {
             figure: "vision_encode_ms",
             tokens: Some(patches),
+            streams: Some(1),
             unit: "ms",
             samples: encode,
-            note: Some("tower + projector".into()),
+            note: Some(TOWER_AND_PROJECTOR.into()),
         });
     }
     if spec.ttft {
@@ -369,6 +417,7 @@ fn image_figures(
         emit(Raw {
             figure: "prefill_tok_s",
             tokens: Some(positions),
+            streams: Some(1),
             unit: "tok/s",
             samples: prefill,
             note,
@@ -376,6 +425,7 @@ fn image_figures(
         emit(Raw {
             figure: "ttft_image_ms",
             tokens: Some(positions),
+            streams: Some(1),
             unit: "ms",
             samples: ttft,
             note: Some("path to first token, nothing cached".into()),

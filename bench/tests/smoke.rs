@@ -30,16 +30,20 @@ fn bench(args: &[&str]) -> Vec<Value> {
         .collect()
 }
 
-/// The fields of every line, and min ≤ median ≤ max, all positive.
+/// The fields of every line, and min ≤ median ≤ max, all positive; for
+/// distributions also min ≤ p50 ≤ p99 ≤ max.
 fn check_line(v: &Value) {
     for key in [
         "figure",
         "quant",
         "threads",
         "tokens",
+        "streams",
         "median",
         "min",
         "max",
+        "p50",
+        "p99",
         "bound_fraction",
     ] {
         assert!(v.get(key).is_some(), "`{key}` missing: {v}");
@@ -57,6 +61,13 @@ fn check_line(v: &Value) {
     if let Some(f) = v["bound_fraction"].as_f64() {
         assert!(f > 0.0 && f.is_finite(), "{v}");
     }
+    if v["p99"].is_number() {
+        let (p50, p99) = (num("p50"), num("p99"));
+        assert!(min <= p50 && p50 <= p99 && p99 <= max, "{v}");
+        assert_eq!(p50, med, "p50 is the median: {v}");
+    } else {
+        assert!(v["p50"].is_null(), "{v}");
+    }
 }
 
 fn find<'a>(lines: &'a [Value], figure: &str, threads: u64, tokens: Option<u64>) -> &'a Value {
@@ -68,6 +79,13 @@ fn find<'a>(lines: &'a [Value], figure: &str, threads: u64, tokens: Option<u64>)
                 && (tokens.is_none() || v["tokens"].as_u64() == tokens)
         })
         .unwrap_or_else(|| panic!("no {figure} at {threads} threads, tokens {tokens:?}"))
+}
+
+fn find_streams<'a>(lines: &'a [Value], figure: &str, threads: u64, streams: u64) -> &'a Value {
+    lines
+        .iter()
+        .find(|v| v["figure"] == figure && v["threads"] == threads && v["streams"] == streams)
+        .unwrap_or_else(|| panic!("no {figure} at {threads} threads and {streams} streams"))
 }
 
 #[test]
@@ -92,7 +110,11 @@ fn every_figure_on_a_tiny_synthesized_model() {
         "--decode-ctx",
         "8,64",
         "--gen",
-        "4",
+        "8",
+        "--streams",
+        "1,2",
+        "--image-streams",
+        "3",
         "--probe-mib",
         "16",
         "--probe-seconds",
@@ -112,6 +134,12 @@ fn every_figure_on_a_tiny_synthesized_model() {
         "prefill_tok_s",
         "ttft_image_ms",
         "decode_tok_s",
+        "batch_decode_tok_s",
+        "itl_ms",
+        "ttft_ms",
+        "clients_tok_s",
+        "image_itl_ms",
+        "ttft_image_under_load_ms",
         "peak_rss_mb",
     ] {
         assert!(names.contains(name), "no `{name}` line");
@@ -136,6 +164,24 @@ fn every_figure_on_a_tiny_synthesized_model() {
         assert!(find(&lines, "ttft_image_ms", t, None)["bound_fraction"].is_null());
         assert!(find(&lines, "peak_rss_mb", t, None)["median"].as_f64() > Some(1.0));
         assert!(find(&lines, "mem_read_gb_s", t, None)["quant"].is_null());
+        assert!(find(&lines, "mem_read_gb_s", t, None)["streams"].is_null());
+        assert_eq!(find(&lines, "decode_tok_s", t, None)["streams"], 1);
+        for k in [1, 2] {
+            let b = find_streams(&lines, "batch_decode_tok_s", t, k);
+            assert!(b["bound_fraction"].is_number(), "{b}");
+            assert!(b["p99"].is_null(), "{b}");
+            assert_eq!(b["tokens"], 16);
+            assert!(find_streams(&lines, "itl_ms", t, k)["p99"].is_number());
+            assert!(find_streams(&lines, "ttft_ms", t, k)["p99"].is_number());
+            find_streams(&lines, "clients_tok_s", t, k);
+        }
+        // The aggregate bound grows with the streams (the weights are read once a step).
+        let bound = |k| find_streams(&lines, "batch_decode_tok_s", t, k)["bound"].as_f64();
+        assert!(bound(2) > bound(1));
+        let image = find_streams(&lines, "image_itl_ms", t, 3);
+        assert!(image["p99"].is_number(), "{image}");
+        assert_eq!(image["tokens"], ttft["tokens"]);
+        find_streams(&lines, "ttft_image_under_load_ms", t, 3);
     }
 
     // The synthesized file is cached; --quick and --model run on it as on any file.
@@ -152,6 +198,11 @@ fn every_figure_on_a_tiny_synthesized_model() {
     assert_eq!(v["quant"], "q8_0");
     find(&quick, "prefill_tok_s", 1, Some(64));
     find(&quick, "vision_encode_ms", 1, None);
+    for k in [1, 4] {
+        find_streams(&quick, "batch_decode_tok_s", 1, k);
+        find_streams(&quick, "ttft_ms", 1, k);
+    }
+    find_streams(&quick, "image_itl_ms", 1, 4);
     assert!(
         !quick.iter().any(|v| v["figure"] == "ttft_image_ms"),
         "--quick skips the image prompt"
