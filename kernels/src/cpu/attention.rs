@@ -1062,9 +1062,19 @@ unsafe fn row<S: Simd, E: Load, const NC: usize>(
     let kp = a.kv.k.as_ptr();
     acc.fill(0.0);
     let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+    let vp = a.kv.v.as_ptr();
     let mut walk = Walk::new(&a.kv, off, hd, lo);
-    let mut lead = Walk::new(&a.kv, off, hd, lo + E::PREFETCH_KEYS);
-    let mut lead_pos = lo + E::PREFETCH_KEYS;
+    // The first keys' K and V rows, then each key's a fixed distance ahead:
+    // a head's rows sit `kv_dim` apart, a stride the hardware prefetchers do
+    // not follow, and V is read right after this key's chunk of scores.
+    let mut lead = Walk::new(&a.kv, off, hd, lo);
+    let mut lead_pos = lo;
+    while lead_pos < hi.min(lo + E::PREFETCH_KEYS) {
+        let at = lead.next_offset();
+        prefetch(kp, at, hd);
+        prefetch(vp, at, hd);
+        lead_pos += 1;
+    }
     let mut sc = [0.0f32; ROW_CHUNK];
     for c0 in (lo..hi).step_by(ROW_CHUNK) {
         let n = ROW_CHUNK.min(hi - c0);
@@ -1074,7 +1084,9 @@ unsafe fn row<S: Simd, E: Load, const NC: usize>(
         for out4 in sc.chunks_mut(4) {
             for _ in 0..out4.len() {
                 if lead_pos < hi {
-                    prefetch(kp, lead.next_offset(), hd);
+                    let at = lead.next_offset();
+                    prefetch(kp, at, hd);
+                    prefetch(vp, at, hd);
                     lead_pos += 1;
                 }
             }
