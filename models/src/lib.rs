@@ -55,5 +55,5 @@ pub use engine::{
 pub use mipha_runtime::{DeviceChoice, KvDtype, LoadProgress};
 pub use sampling::{Sampler, SamplingParams};
 pub use session::{Reply, Session, TurnStats};
-pub use template::{ChatTemplate, Segment, Turn};
+pub use template::{ChatTemplate, Message, Part, Role, Segment, Turn};
 pub use tokenizer::{MiphaTokenizer, PromptId, TokenBytes};

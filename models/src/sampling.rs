@@ -14,8 +14,14 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// 1 = off; logits of recently seen tokens are divided (if > 0) or multiplied by it
     pub repeat_penalty: f32,
-    /// how many recent tokens the penalty looks at
+    /// how many recent tokens the penalties look at
     pub repeat_last_n: usize,
+    /// 0 = off; subtracted from the logit of every token among the recent ones
+    /// (OpenAI's `presence_penalty`, over llama.cpp's window)
+    pub presence_penalty: f32,
+    /// 0 = off; subtracted once per occurrence among the recent tokens
+    /// (OpenAI's `frequency_penalty`)
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
@@ -28,6 +34,8 @@ impl Default for SamplingParams {
             min_p: 0.0,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -53,6 +61,14 @@ impl SamplingParams {
                 "repeat penalty must be > 0, got {}",
                 self.repeat_penalty
             ));
+        }
+        for (name, v) in [
+            ("presence penalty", self.presence_penalty),
+            ("frequency penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(format!("{name} must be in [-2, 2], got {v}"));
+            }
         }
         Ok(())
     }
@@ -141,7 +157,9 @@ impl Sampler {
     /// Allocates nothing once the scratch holds `logits.len()` candidates.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         let p = &self.params;
-        if p.repeat_penalty != 1.0 {
+        let penalised =
+            p.repeat_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        if penalised {
             let start = history.len().saturating_sub(p.repeat_last_n);
             let recent = &history[start..];
             for (i, &t) in recent.iter().enumerate() {
@@ -150,11 +168,17 @@ impl Sampler {
                     continue;
                 }
                 if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 {
-                        *l / p.repeat_penalty
-                    } else {
-                        *l * p.repeat_penalty
-                    };
+                    if p.repeat_penalty != 1.0 {
+                        *l = if *l > 0.0 {
+                            *l / p.repeat_penalty
+                        } else {
+                            *l * p.repeat_penalty
+                        };
+                    }
+                    if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+                        let count = recent[i..].iter().filter(|&&u| u == t).count();
+                        *l -= p.presence_penalty + p.frequency_penalty * count as f32;
+                    }
                 }
             }
         }
@@ -219,5 +243,79 @@ impl Sampler {
             }
         }
         c.last().map(|e| e.1).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> SamplingParams {
+        SamplingParams::default()
+    }
+
+    #[test]
+    fn greedy_takes_the_lowest_id_of_a_tie() {
+        let mut s = Sampler::new(params());
+        assert_eq!(s.sample(&mut [1.0, 3.0, 3.0, f32::NAN], &[]), 1);
+    }
+
+    #[test]
+    fn repeat_penalty_applies_once_per_distinct_recent_token() {
+        let p = SamplingParams {
+            repeat_penalty: 2.0,
+            ..params()
+        };
+        let mut s = Sampler::new(p);
+        let mut logits = [4.0, -4.0, 3.0];
+        s.sample(&mut logits, &[0, 0, 1]);
+        assert_eq!(logits, [2.0, -8.0, 3.0]);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_recent_occurrences() {
+        let p = SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            repeat_last_n: 3,
+            ..params()
+        };
+        let mut s = Sampler::new(p);
+        let mut logits = [1.0, 1.0, 1.0, 1.0];
+        // only the last 3 of the history count: 2, 2, 3
+        s.sample(&mut logits, &[0, 2, 2, 3]);
+        assert_eq!(logits, [1.0, 1.0, 1.0 - 0.5 - 0.5, 1.0 - 0.5 - 0.25]);
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: -1.0,
+            ..params()
+        });
+        // a negative presence penalty favours what was said
+        assert_eq!(s.sample(&mut [1.0, 0.5], &[1]), 1);
+    }
+
+    #[test]
+    fn penalties_out_of_range_are_named() {
+        let p = SamplingParams {
+            frequency_penalty: 2.5,
+            ..params()
+        };
+        assert!(p.validate().unwrap_err().contains("frequency penalty"));
+    }
+
+    #[test]
+    fn the_same_seed_samples_the_same_tokens() {
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: 42,
+            ..params()
+        };
+        let logits: Vec<f32> = (0..100).map(|i| (i % 7) as f32 * 0.1).collect();
+        let run = || {
+            let mut s = Sampler::new(p.clone());
+            (0..20)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
     }
 }

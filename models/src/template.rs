@@ -71,30 +71,161 @@ impl ChatTemplate {
     /// message becomes a slot followed by a newline before the message text, as
     /// the authors prepend `"<image>\n"`. The open assistant turn ends at the colon.
     pub fn render(&self, turns: &[Turn]) -> Vec<Segment> {
-        let mut out = Vec::new();
-        let mut text = format!("{}{}", self.system, self.sep);
-        let mut image = 0;
+        let mut messages = Vec::with_capacity(2 * turns.len());
         for turn in turns {
-            text.push_str(&self.user_role);
-            text.push_str(": ");
-            for _ in 0..turn.images {
-                out.push(Segment::Text(std::mem::take(&mut text)));
-                out.push(Segment::Image(image));
-                image += 1;
-                text.push('\n');
-            }
-            text.push_str(&turn.user);
-            text.push_str(&self.sep);
-            text.push_str(&self.assistant_role);
-            text.push(':');
+            let mut content = vec![Part::Image; turn.images];
+            content.push(Part::Text(turn.user.clone()));
+            messages.push(Message {
+                role: Role::User,
+                content,
+            });
             if let Some(answer) = &turn.assistant {
-                text.push(' ');
-                text.push_str(answer);
-                text.push_str(&self.sep2);
+                messages.push(Message {
+                    role: Role::Assistant,
+                    content: vec![Part::Text(answer.clone())],
+                });
+            }
+        }
+        self.render_messages(&messages)
+            .expect("turns alternate user and assistant")
+    }
+
+    /// Renders a whole chat in the OpenAI message shape. System messages
+    /// replace the default system prompt (several are joined by newlines);
+    /// user and assistant messages alternate, consecutive messages of one role
+    /// joining into one turn; the chat starts with a user message (after any
+    /// system ones) and, since the model answers next, ends with one. Pictures
+    /// go where they appear in a user message, each the next [`Segment::Image`];
+    /// those that open a message are followed by a newline, as the authors
+    /// prepend `"<image>\n"` (so a picture then a question renders exactly as
+    /// [`ChatTemplate::render`] does). Says what is wrong with a chat it cannot
+    /// render.
+    pub fn render_messages(
+        &self,
+        messages: &[Message],
+    ) -> std::result::Result<Vec<Segment>, String> {
+        let mut system: Option<String> = None;
+        let mut turns: Vec<(Role, Vec<Part>)> = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            if m.role != Role::User && m.content.iter().any(|p| matches!(p, Part::Image)) {
+                return Err(format!(
+                    "message {i}: only user messages may hold pictures, not {} ones",
+                    m.role.as_str()
+                ));
+            }
+            match m.role {
+                Role::System => {
+                    let text = Part::text_of(&m.content);
+                    match &mut system {
+                        Some(s) => {
+                            s.push('\n');
+                            s.push_str(&text);
+                        }
+                        None => system = Some(text),
+                    }
+                }
+                role => match turns.last_mut() {
+                    Some((r, parts)) if *r == role => {
+                        parts.push(Part::Text("\n".into()));
+                        parts.extend(m.content.iter().cloned());
+                    }
+                    _ => turns.push((role, m.content.clone())),
+                },
+            }
+        }
+        match turns.first() {
+            None => return Err("the chat has no user message".into()),
+            Some((Role::Assistant, _)) => {
+                return Err("the chat must start with a user message, not an assistant one".into())
+            }
+            _ => {}
+        }
+        if let Some((Role::Assistant, _)) = turns.last() {
+            return Err("the last message must be the user's (the model answers it)".into());
+        }
+        let mut out = Vec::new();
+        let mut text = format!("{}{}", system.as_deref().unwrap_or(&self.system), self.sep);
+        let mut image = 0;
+        for (role, parts) in &turns {
+            match role {
+                Role::User => {
+                    text.push_str(&self.user_role);
+                    text.push_str(": ");
+                    let mut leading = true;
+                    for part in parts {
+                        match part {
+                            Part::Image => {
+                                out.push(Segment::Text(std::mem::take(&mut text)));
+                                out.push(Segment::Image(image));
+                                image += 1;
+                                if leading {
+                                    text.push('\n');
+                                }
+                            }
+                            Part::Text(t) => {
+                                leading = false;
+                                text.push_str(t);
+                            }
+                        }
+                    }
+                    text.push_str(&self.sep);
+                    text.push_str(&self.assistant_role);
+                    text.push(':');
+                }
+                Role::Assistant => {
+                    text.push(' ');
+                    text.push_str(&Part::text_of(parts));
+                    text.push_str(&self.sep2);
+                }
+                Role::System => unreachable!("system messages are taken out above"),
             }
         }
         out.push(Segment::Text(text));
         out.retain(|s| !matches!(s, Segment::Text(t) if t.is_empty()));
-        out
+        Ok(out)
     }
+}
+
+/// Who wrote a [`Message`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// A piece of a message: text, or the place of the chat's next picture.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Part {
+    Text(String),
+    Image,
+}
+
+impl Part {
+    fn text_of(parts: &[Part]) -> String {
+        parts
+            .iter()
+            .filter_map(|p| match p {
+                Part::Text(t) => Some(t.as_str()),
+                Part::Image => None,
+            })
+            .collect()
+    }
+}
+
+/// One message of a chat, for [`ChatTemplate::render_messages`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub role: Role,
+    pub content: Vec<Part>,
 }

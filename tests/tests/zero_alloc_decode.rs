@@ -159,6 +159,8 @@ fn sampled() -> SamplingParams {
         min_p: 0.02,
         repeat_penalty: 1.3,
         repeat_last_n: 64,
+        presence_penalty: 0.2,
+        frequency_penalty: 0.1,
         seed: 7,
     }
 }

@@ -14,6 +14,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use mipha_runtime::{Error, Result};
@@ -109,6 +110,8 @@ pub(crate) enum Event {
 
 struct State {
     events: VecDeque<Event>,
+    /// an async reader waiting for the next event
+    waker: Option<Waker>,
 }
 
 pub(crate) struct Shared {
@@ -150,8 +153,12 @@ impl Writer {
         }
         let mut s = self.shared.lock();
         s.events.push_back(event);
+        let waker = s.waker.take();
         drop(s);
         self.shared.ready.notify_one();
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 
     /// Whether the consumer went away (the request should stop).
@@ -181,6 +188,7 @@ pub(crate) fn channel(capacity: usize, wake: Arc<Queue>) -> (Writer, Arc<Shared>
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             events: VecDeque::with_capacity(capacity),
+            waker: None,
         }),
         ready: Condvar::new(),
         gone: AtomicBool::new(false),
@@ -285,6 +293,32 @@ impl Generating {
                 }
             }
         };
+        self.take(event).map(Some)
+    }
+
+    /// [`Generating::next_event`] for async callers: waits without holding a
+    /// thread (the step loop wakes the task when the next event is there).
+    pub async fn next_event_async(&mut self) -> Result<StreamEvent<'_>> {
+        if self.done.is_some() {
+            return self.done_event();
+        }
+        let event = std::future::poll_fn(|cx| self.poll_raw(cx)).await;
+        self.take(event)
+    }
+
+    fn poll_raw(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        let mut s = self.shared.lock();
+        match s.events.pop_front() {
+            Some(e) => Poll::Ready(e),
+            None => {
+                s.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Turns the loop's event into the caller's: text, timings, the end.
+    fn take(&mut self, event: Event) -> Result<StreamEvent<'_>> {
         match event {
             Event::Token { id, logits } => {
                 if self.shared.unread.fetch_sub(1, Ordering::Relaxed) == STREAM_WINDOW {
@@ -295,7 +329,7 @@ impl Generating {
                     self.first = Some(self.submitted.elapsed());
                 }
                 let piece = self.text.push(&self.model.tokenizer, id)?;
-                Ok(Some(StreamEvent::Token { id, piece, logits }))
+                Ok(StreamEvent::Token { id, piece, logits })
             }
             Event::Done {
                 tokens,
@@ -325,7 +359,7 @@ impl Generating {
                     stats,
                     last_logits,
                 }));
-                self.done_event().map(Some)
+                self.done_event()
             }
             Event::Failed(e) => {
                 self.done = Some(Err(e.to_string()));
