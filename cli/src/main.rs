@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod chat;
 mod hub;
+mod serve;
 use std::sync::Arc;
 
 use mipha_models::{
@@ -37,15 +38,17 @@ enum Command {
     Logits(LogitsArgs),
     /// Download a model from the Hugging Face hub and convert it to a cached .mqf; prints its path.
     Pull(hub::PullArgs),
+    /// An OpenAI-compatible HTTP server (chat completions with pictures, streaming, metrics).
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Args)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// A `.mqf` file, a Hugging Face checkpoint folder (converted once into the
     /// cache), or a hub repository such as `zhumj34/Mipha-3B` (pulled and
     /// converted on first use: Q4_0 language model, Q8_0 vision tower).
     #[arg(long, short)]
-    model: String,
+    pub(crate) model: String,
     /// CPU threads (default: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -109,6 +112,14 @@ struct GenArgs {
     /// 0 = off
     #[arg(long, default_value_t = 0.0)]
     min_p: f32,
+    /// 0 = off; subtracted from the logits of tokens among the last
+    /// `--repeat-last-n` (-2 to 2)
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
+    /// 0 = off; subtracted once per occurrence among the last
+    /// `--repeat-last-n` (-2 to 2)
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
     /// 1 = off
     #[arg(long, default_value_t = 1.0)]
     repeat_penalty: f32,
@@ -138,6 +149,8 @@ impl GenArgs {
             min_p: self.min_p,
             repeat_penalty: self.repeat_penalty,
             repeat_last_n: self.repeat_last_n,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
             seed,
         };
         sampling.validate()?;
@@ -188,6 +201,7 @@ fn main() -> ExitCode {
         Command::Chat(a) => chat_cmd(a),
         Command::Logits(a) => logits(a),
         Command::Pull(a) => hub::pull_command(a),
+        Command::Serve(a) => serve::serve(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -198,7 +212,7 @@ fn main() -> ExitCode {
     }
 }
 
-type CliResult = Result<(), Box<dyn std::error::Error>>;
+pub(crate) type CliResult = Result<(), Box<dyn std::error::Error>>;
 
 /// A progress bar on stderr for the slow part of loading (repacking the weights
 /// for the CPU, uploading them to a GPU); invisible when stderr is not a terminal.
@@ -233,6 +247,17 @@ fn load(
     max_batch_tokens: usize,
     kv_dtype: KvDtype,
 ) -> Result<Engine, String> {
+    load_with(m, max_outputs, max_batch_tokens, kv_dtype, |_| {})
+}
+
+/// [`load`], with `tune` adjusting the engine options last.
+pub(crate) fn load_with(
+    m: &ModelArgs,
+    max_outputs: usize,
+    max_batch_tokens: usize,
+    kv_dtype: KvDtype,
+    tune: impl FnOnce(&mut EngineOptions),
+) -> Result<Engine, String> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     if m.threads > 4 * threads.max(64) {
         return Err(format!(
@@ -240,7 +265,7 @@ fn load(
             m.threads
         ));
     }
-    let opts = EngineOptions {
+    let mut opts = EngineOptions {
         threads: m.threads,
         device: m.device,
         max_outputs,
@@ -252,6 +277,7 @@ fn load(
         progress: Some(load_progress()),
         ..EngineOptions::default()
     };
+    tune(&mut opts);
     let path = hub::HubOptions::from_env()
         .and_then(|o| hub::resolve_model(&m.model, &o))
         .map_err(|e| e.to_string())?;
