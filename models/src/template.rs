@@ -229,3 +229,114 @@ pub struct Message {
     pub role: Role,
     pub content: Vec<Part>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(parts: Vec<Part>) -> Message {
+        Message {
+            role: Role::User,
+            content: parts,
+        }
+    }
+
+    fn text(t: &str) -> Part {
+        Part::Text(t.into())
+    }
+
+    #[test]
+    fn a_picture_then_a_question_renders_as_a_turn_does() {
+        let t = ChatTemplate::phi();
+        let turns = [Turn {
+            user: "What is it?".into(),
+            images: 2,
+            assistant: Some("A cat.".into()),
+        }];
+        let messages = [
+            user(vec![Part::Image, Part::Image, text("What is it?")]),
+            Message {
+                role: Role::Assistant,
+                content: vec![text("A cat.")],
+            },
+            user(vec![text("And?")]),
+        ];
+        let mut with_next = turns.to_vec();
+        with_next.push(Turn {
+            user: "And?".into(),
+            ..Default::default()
+        });
+        assert_eq!(t.render_messages(&messages).unwrap(), t.render(&with_next));
+    }
+
+    #[test]
+    fn pictures_go_where_they_appear_and_a_system_message_replaces_the_prompt() {
+        let t = ChatTemplate::phi();
+        let messages = [
+            Message {
+                role: Role::System,
+                content: vec![text("Be brief.")],
+            },
+            user(vec![
+                text("Compare "),
+                Part::Image,
+                text(" and "),
+                Part::Image,
+            ]),
+        ];
+        let s = t.render_messages(&messages).unwrap();
+        assert_eq!(
+            s,
+            vec![
+                Segment::Text("Be brief. USER: Compare ".into()),
+                Segment::Image(0),
+                Segment::Text(" and ".into()),
+                Segment::Image(1),
+                Segment::Text(" ASSISTANT:".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn consecutive_messages_of_one_role_join() {
+        let t = ChatTemplate::phi();
+        let s = t
+            .render_messages(&[user(vec![text("a")]), user(vec![text("b")])])
+            .unwrap();
+        assert_eq!(
+            s,
+            t.render(&[Turn {
+                user: "a\nb".into(),
+                ..Default::default()
+            }])
+        );
+    }
+
+    #[test]
+    fn chats_that_cannot_be_rendered_say_why() {
+        let t = ChatTemplate::phi();
+        let assistant = Message {
+            role: Role::Assistant,
+            content: vec![text("hi")],
+        };
+        let system_picture = Message {
+            role: Role::System,
+            content: vec![Part::Image],
+        };
+        for (messages, why) in [
+            (vec![], "no user message"),
+            (
+                vec![assistant.clone(), user(vec![text("x")])],
+                "start with a user",
+            ),
+            (vec![user(vec![text("x")]), assistant], "last message"),
+            (
+                vec![system_picture, user(vec![text("x")])],
+                "only user messages",
+            ),
+        ] {
+            let e = t.render_messages(&messages).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+    }
+}
