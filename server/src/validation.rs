@@ -397,12 +397,14 @@ fn parts(at: &str, v: &Value, r: &mut ChatRequest) -> Result<Vec<Part>, ApiError
                         r.images.push(data_url(&pat, url)?);
                         out.push(Part::Image);
                     }
-                    Some(other) => return Err(ApiError::param(
-                        &pat,
-                        format!(
+                    Some(other) => {
+                        return Err(ApiError::param(
+                            &pat,
+                            format!(
                             "unsupported content part type `{other}` (expected text or image_url)"
                         ),
-                    )),
+                        ))
+                    }
                     None => return Err(ApiError::param(&pat, format!("{pat} has no `type`"))),
                 }
             }
