@@ -8,6 +8,10 @@ use crate::backend::{Backend, Capture, Input, Step};
 use crate::error::{Error, Result};
 use crate::graph::{BufId, Epilogue, GeluKind, Op, Plan, Rows, Weights};
 
+/// Most CPU threads a pool may have: far above any machine's cores, far below
+/// what would exhaust the process's threads or address space.
+pub const MAX_THREADS: usize = 1024;
+
 /// Host-memory K and V pools, `[n_blocks, block_size, kv_dim]` per layer.
 struct KvPools<E> {
     k: Vec<Vec<E>>,
@@ -93,6 +97,11 @@ impl CpuBackend {
     /// A pool for [`CpuBackend::with_pool`], so several plans of one model share
     /// their threads instead of oversubscribing the cores.
     pub fn thread_pool(threads: usize) -> Result<std::sync::Arc<rayon::ThreadPool>> {
+        if threads > MAX_THREADS {
+            return Err(Error::Config(format!(
+                "{threads} CPU threads asked for; at most {MAX_THREADS} are allowed"
+            )));
+        }
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("mipha-cpu-{i}"))
@@ -403,6 +412,8 @@ impl CpuBackend {
                     };
                     let kdim = plan.buffer(*x).width;
                     let mut o = std::mem::take(&mut self.buffers[out.0]);
+                    #[cfg(feature = "fault-injection")]
+                    crate::fault::check(step)?;
                     let xb = &self.buffers[x.0];
                     match rows {
                         Rows::All if Self::int8_matmul_of(Some(op), weights, *x) => {

@@ -70,6 +70,17 @@ pub enum Error {
     },
     #[error("context overflow: {tokens} positions requested, the model's context holds {max}")]
     ContextOverflow { tokens: usize, max: usize },
+    /// Text too long for the context whatever it tokenizes to (checked
+    /// before tokenizing it).
+    #[error(
+        "the text is {bytes} bytes, more than the context of {context} positions can hold \
+         ({max_bytes} bytes at most)"
+    )]
+    TextTooLong {
+        bytes: usize,
+        max_bytes: usize,
+        context: usize,
+    },
     #[error("unknown sequence id {0}")]
     UnknownSequence(u64),
     /// The engine's request queue is full: try again later.

@@ -258,6 +258,9 @@ pub struct BufferLayout {
 /// Builds a [`Plan`] op by op; models call it from their `forward` methods.
 pub struct PlanBuilder {
     plan: Plan,
+    /// weight name -> index in `plan.weights` (a plan of many layers must not
+    /// search its weights linearly)
+    weight_ids: std::collections::HashMap<String, usize>,
 }
 
 impl PlanBuilder {
@@ -274,6 +277,7 @@ impl PlanBuilder {
                 kv: None,
                 breaks: Vec::new(),
             },
+            weight_ids: std::collections::HashMap::new(),
         }
     }
 
@@ -289,9 +293,11 @@ impl PlanBuilder {
     /// A weight the plan reads; the same name twice gives the same id.
     pub fn weight(&mut self, name: impl Into<String>, shape: &[usize]) -> WeightId {
         let name = name.into();
-        if let Some(i) = self.plan.weights.iter().position(|w| w.name == name) {
+        if let Some(&i) = self.weight_ids.get(&name) {
             return WeightId(i);
         }
+        self.weight_ids
+            .insert(name.clone(), self.plan.weights.len());
         self.plan.weights.push(WeightDesc {
             name,
             shape: shape.iter().map(|&d| d as u64).collect(),

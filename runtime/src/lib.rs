@@ -8,6 +8,8 @@ pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod error;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod format;
 pub mod graph;
 pub mod kv;
