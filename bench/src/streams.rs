@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use mipha_models::image::load_image;
 use mipha_models::{
-    Engine, Finished, GenerateOptions, GenerateRequest, Generating, ImageEmbeds, PromptId,
-    PromptItem, SamplingParams, StopReason, StreamEvent, Turn,
+    Engine, Finished, GenerateOptions, GenerateRequest, Generating, PromptId, PromptItem,
+    SamplingParams, StopReason, StreamEvent, Turn,
 };
 
 use crate::worker::{emit, Raw};
@@ -576,11 +576,12 @@ fn picture_request(
     rep: usize,
 ) -> BoxResult<(Instant, Instant, usize)> {
     let t0 = Instant::now();
-    let img = load_image(image, cfg)?;
-    let embeds = engine.encode_image(&img.pixels)?;
-    // A new key each time: a new picture to the prefix cache (the system
-    // prompt's blocks are shared, as on a server).
-    let key = img.hash ^ ((rep as u128 + 1) << 64);
+    let mut pixels = load_image(image, cfg)?.pixels;
+    // A new picture each time (one value's lowest bit differs): encoded
+    // again, and new to the prefix cache (the system prompt's blocks are
+    // shared, as on a server).
+    pixels[0] = f32::from_bits(pixels[0].to_bits() ^ (rep as u32 + 1));
+    let embeds = engine.encode_image(&pixels)?;
     let segments = engine.template().render(&[Turn {
         user: question.to_string(),
         images: 1,
@@ -591,17 +592,14 @@ fn picture_request(
         .iter()
         .map(|id| match id {
             PromptId::Token(t) => PromptItem::Token(*t),
-            PromptId::Image(_) => PromptItem::Image(ImageEmbeds {
-                key,
-                embeds: embeds.clone(),
-            }),
+            PromptId::Image(_) => PromptItem::Image(embeds.clone()),
         })
         .collect();
     let positions = prompt
         .iter()
         .map(|p| match p {
             PromptItem::Token(_) => 1,
-            PromptItem::Image(i) => i.embeds.rows(hidden),
+            PromptItem::Image(i) => i.embeddings().rows(hidden),
         })
         .sum();
     let mut g = engine.submit(GenerateRequest {

@@ -339,7 +339,7 @@ fn image_figures(
                         inputs.push(Input::Token(*t));
                         history.push(*t);
                     }
-                    PromptId::Image(_) => embeds.push_inputs(hidden, &mut inputs),
+                    PromptId::Image(_) => embeds.embeddings().push_inputs(hidden, &mut inputs),
                 }
             }
             positions = inputs.len();

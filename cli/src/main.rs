@@ -12,8 +12,8 @@ mod serve;
 use std::sync::Arc;
 
 use mipha_models::{
-    DeviceChoice, Engine, EngineOptions, GenerateOptions, KvCacheSize, KvDtype, Logits, PromptId,
-    SamplingParams, Segment, Session, StopReason, Turn, TurnStats,
+    DeviceChoice, Engine, EngineOptions, GenerateOptions, ImageLimits, KvCacheSize, KvDtype,
+    Logits, PromptId, SamplingParams, Segment, Session, StopReason, Turn, TurnStats,
 };
 use mipha_runtime::Input;
 
@@ -64,6 +64,58 @@ pub(crate) struct ModelArgs {
     /// (exact against an f32 reference). Default: f16, f32 for `logits`.
     #[arg(long, value_parser = parse_kv_dtype)]
     kv_dtype: Option<KvDtype>,
+    /// Check every tensor's checksum while loading (reads the whole file once).
+    #[arg(long)]
+    verify: bool,
+    /// Refuse to load when weights, activations, the KV cache and thread stacks
+    /// need more memory than this: a size such as 8G, 512M or 4096 (MiB).
+    /// Default: the memory available at load.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_memory: Option<u64>,
+    /// Largest picture accepted, in pixels (width x height), checked from its
+    /// header before decoding.
+    #[arg(long, default_value_t = ImageLimits::default().max_pixels,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 32))]
+    max_image_pixels: u64,
+    /// Largest picture file accepted, in MiB.
+    #[arg(long, default_value_t = ImageLimits::default().max_bytes >> 20,
+          value_parser = clap::value_parser!(u64).range(1..=4096))]
+    max_image_mb: u64,
+    /// Most pictures in one conversation or request.
+    #[arg(long, default_value_t = ImageLimits::default().max_count as u64,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    max_images: u64,
+}
+
+/// `8G`, `512M`, `64K` or a plain number of MiB, to bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => {
+                    return Err(format!(
+                        "`{s}`: unknown size suffix `{c}` (use K, M, G or T)"
+                    ))
+                }
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1 << 20),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 8G, 512M, or MiB as a number)"))?;
+    match n.checked_mul(mult) {
+        Some(0) => Err("the size must be positive".into()),
+        Some(b) => Ok(b),
+        None => Err(format!("`{s}` is too large")),
+    }
 }
 
 fn parse_device(s: &str) -> Result<DeviceChoice, String> {
@@ -132,6 +184,11 @@ struct GenArgs {
     /// Keep generating past `<|endoftext|>`.
     #[arg(long)]
     ignore_eos: bool,
+    /// Recognise special tokens such as `<|endoftext|>` typed in the prompt
+    /// (transformers' default, for conformance runs). Off, prompt text is
+    /// plain text and only the chat template inserts control tokens.
+    #[arg(long)]
+    parse_special: bool,
 }
 
 impl GenArgs {
@@ -159,6 +216,7 @@ impl GenArgs {
             sampling,
             ignore_eos: self.ignore_eos,
             deadline: None,
+            parse_special: self.parse_special,
         };
         Ok((opts, seed))
     }
@@ -274,6 +332,13 @@ pub(crate) fn load_with(
             usize::try_from(m.kv_cache_mb).map_err(|_| "--kv-cache-mb is too large")?,
         ),
         kv_dtype: m.kv_dtype.unwrap_or(kv_dtype),
+        verify: m.verify,
+        max_memory: m.max_memory,
+        image_limits: ImageLimits {
+            max_pixels: m.max_image_pixels,
+            max_bytes: m.max_image_mb << 20,
+            max_count: m.max_images as usize,
+        },
         progress: Some(load_progress()),
         ..EngineOptions::default()
     };
@@ -396,17 +461,24 @@ fn logits(a: LogitsArgs) -> CliResult {
             assistant: None,
         }])
     };
-    let prompt = engine.tokenizer().encode_segments(&segments)?;
+    // A raw prompt is a conformance input: its special tokens are meant.
+    let prompt = engine.tokenizer().encode_segments_with(&segments, a.raw)?;
     if prompt.is_empty() {
         return Err("the prompt tokenizes to nothing".into());
     }
+    engine.check_image_count(a.images.len())?;
     let mut embeds = Vec::new();
     for path in &a.images {
         let cfg = engine
             .image_config()
             .ok_or("this model file has no vision tower")?;
-        let img = mipha_models::image::load_image(path, cfg)?;
-        embeds.push(engine.encode_image_cached(&img.pixels, img.hash)?.0);
+        let opts = mipha_models::image::DecodeOptions {
+            limits: engine.options().image_limits.decode_limits(),
+            ..Default::default()
+        };
+        let decoded = mipha_models::image::decode_file(path, &opts)?;
+        let img = mipha_models::image::preprocess(&decoded.image, cfg);
+        embeds.push(engine.encode_image(&img.pixels)?.to_host()?);
     }
     let hidden = engine.config().hidden_size;
     let mut inputs = Vec::new();

@@ -2,6 +2,8 @@
 
 use mipha_runtime::{Error, Metadata, Result};
 
+use crate::limits::ModelLimits;
+
 /// The Phi-2 language model's shape.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PhiConfig {
@@ -19,16 +21,31 @@ pub struct PhiConfig {
     pub max_position_embeddings: usize,
 }
 
-fn usize_key(m: &Metadata, key: &str) -> Result<usize> {
-    let v = m.get_u64(key)?;
-    if v == 0 || v > (1 << 32) {
-        return Err(Error::Config(format!("`{key}` = {v} is out of range")));
+/// A hyper-parameter in `1..=` its [`ModelLimits`] bound.
+fn usize_key(m: &Metadata, key: &str, limits: &ModelLimits) -> Result<usize> {
+    limits.count(m, key, limits.for_key(key))
+}
+
+/// A finite, positive float.
+fn positive_f32(m: &Metadata, key: &str) -> Result<f32> {
+    let v = m.get_f64(key)?;
+    let f = v as f32;
+    if !(f.is_finite() && f > 0.0) {
+        return Err(Error::Config(format!(
+            "`{key}` = {v} must be a finite positive number"
+        )));
     }
-    Ok(v as usize)
+    Ok(f)
 }
 
 impl PhiConfig {
+    /// Reads and checks the `lm.*` keys against the default [`ModelLimits`].
     pub fn from_metadata(m: &Metadata) -> Result<Self> {
+        Self::from_metadata_with(m, &ModelLimits::default())
+    }
+
+    pub fn from_metadata_with(m: &Metadata, limits: &ModelLimits) -> Result<Self> {
+        let usize_key = |key: &str| usize_key(m, key, limits);
         let arch = m.get_str("general.architecture")?;
         if arch != "mipha-phi" {
             return Err(Error::Config(format!(
@@ -42,17 +59,22 @@ impl PhiConfig {
             )));
         }
         let cfg = PhiConfig {
-            vocab_size: usize_key(m, "lm.vocab_size")?,
-            hidden_size: usize_key(m, "lm.hidden_size")?,
-            intermediate_size: usize_key(m, "lm.intermediate_size")?,
-            num_hidden_layers: usize_key(m, "lm.num_hidden_layers")?,
-            num_attention_heads: usize_key(m, "lm.num_attention_heads")?,
-            num_key_value_heads: usize_key(m, "lm.num_key_value_heads")?,
-            head_dim: usize_key(m, "lm.head_dim")?,
-            rotary_dims: m.get_u64("lm.rotary_dims")? as usize,
-            rope_theta: m.get_f64("lm.rope_theta")? as f32,
-            layer_norm_eps: m.get_f64("lm.layer_norm_eps")? as f32,
-            max_position_embeddings: usize_key(m, "lm.max_position_embeddings")?,
+            vocab_size: usize_key("lm.vocab_size")?,
+            hidden_size: usize_key("lm.hidden_size")?,
+            intermediate_size: usize_key("lm.intermediate_size")?,
+            num_hidden_layers: usize_key("lm.num_hidden_layers")?,
+            num_attention_heads: usize_key("lm.num_attention_heads")?,
+            num_key_value_heads: usize_key("lm.num_key_value_heads")?,
+            head_dim: usize_key("lm.head_dim")?,
+            rotary_dims: crate::limits::check_range(
+                "lm.rotary_dims",
+                m.get_u64("lm.rotary_dims")?,
+                0,
+                limits.max_head_dim,
+            )?,
+            rope_theta: positive_f32(m, "lm.rope_theta")?,
+            layer_norm_eps: positive_f32(m, "lm.layer_norm_eps")?,
+            max_position_embeddings: usize_key("lm.max_position_embeddings")?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -60,7 +82,7 @@ impl PhiConfig {
 
     fn validate(&self) -> Result<()> {
         let bad = |s: String| Err(Error::Config(s));
-        if self.num_attention_heads * self.head_dim != self.hidden_size {
+        if self.num_attention_heads.checked_mul(self.head_dim) != Some(self.hidden_size) {
             return bad(format!(
                 "{} heads x head_dim {} != hidden_size {}",
                 self.num_attention_heads, self.head_dim, self.hidden_size
@@ -114,8 +136,14 @@ pub struct VisionConfig {
 }
 
 impl VisionConfig {
-    /// `None` when the file has no vision tower (a text-only model).
+    /// `None` when the file has no vision tower (a text-only model). Checked
+    /// against the default [`ModelLimits`].
     pub fn from_metadata(m: &Metadata) -> Result<Option<Self>> {
+        Self::from_metadata_with(m, &ModelLimits::default())
+    }
+
+    pub fn from_metadata_with(m: &Metadata, limits: &ModelLimits) -> Result<Option<Self>> {
+        let usize_key = |key: &str| usize_key(m, key, limits);
         if m.get("vision.hidden_size").is_none() {
             return Ok(None);
         }
@@ -129,8 +157,8 @@ impl VisionConfig {
                 return Err(Error::Config(format!("{key} `{v}` is not supported")));
             }
         }
-        let hidden_size = usize_key(m, "vision.hidden_size")?;
-        let heads = usize_key(m, "vision.num_attention_heads")?;
+        let hidden_size = usize_key("vision.hidden_size")?;
+        let heads = usize_key("vision.num_attention_heads")?;
         if !hidden_size.is_multiple_of(heads) {
             return Err(Error::Config(format!(
                 "vision hidden size {hidden_size} is not a multiple of {heads} heads"
@@ -138,16 +166,22 @@ impl VisionConfig {
         }
         let cfg = VisionConfig {
             hidden_size,
-            intermediate_size: usize_key(m, "vision.intermediate_size")?,
-            num_hidden_layers: m.get_u64("vision.num_hidden_layers")? as usize,
+            intermediate_size: usize_key("vision.intermediate_size")?,
+            // 0 is a tower cut before its first layer (the embeddings' output)
+            num_hidden_layers: crate::limits::check_range(
+                "vision.num_hidden_layers",
+                m.get_u64("vision.num_hidden_layers")?,
+                0,
+                limits.max_layers,
+            )?,
             num_attention_heads: heads,
             head_dim: hidden_size / heads,
-            image_size: usize_key(m, "vision.image_size")?,
-            patch_size: usize_key(m, "vision.patch_size")?,
-            num_channels: usize_key(m, "vision.num_channels")?,
-            layer_norm_eps: m.get_f64("vision.layer_norm_eps")? as f32,
-            projector_input: usize_key(m, "projector.input_size")?,
-            projector_hidden: usize_key(m, "projector.hidden_size")?,
+            image_size: usize_key("vision.image_size")?,
+            patch_size: usize_key("vision.patch_size")?,
+            num_channels: usize_key("vision.num_channels")?,
+            layer_norm_eps: positive_f32(m, "vision.layer_norm_eps")?,
+            projector_input: usize_key("projector.input_size")?,
+            projector_hidden: usize_key("projector.hidden_size")?,
         };
         if cfg.projector_input != cfg.hidden_size {
             return Err(Error::Config(format!(
@@ -156,7 +190,27 @@ impl VisionConfig {
             )));
         }
         if cfg.patch_size > cfg.image_size {
-            return Err(Error::Config("patch larger than the image".into()));
+            return Err(Error::Config(format!(
+                "`vision.patch_size` = {} is larger than `vision.image_size` = {}",
+                cfg.patch_size, cfg.image_size
+            )));
+        }
+        if cfg.head_dim > limits.max_head_dim {
+            return Err(Error::Config(format!(
+                "vision heads of {} dims (`vision.hidden_size` / `vision.num_attention_heads`) \
+                 exceed the limit of {}",
+                cfg.head_dim, limits.max_head_dim
+            )));
+        }
+        if cfg.num_patches() > limits.max_patches {
+            return Err(Error::Config(format!(
+                "`vision.image_size` = {} in patches of `vision.patch_size` = {} makes {} \
+                 positions a picture, the limit is {}",
+                cfg.image_size,
+                cfg.patch_size,
+                cfg.num_patches(),
+                limits.max_patches
+            )));
         }
         Ok(Some(cfg))
     }

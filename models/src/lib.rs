@@ -38,6 +38,7 @@
 pub mod config;
 pub mod engine;
 pub mod image;
+pub mod limits;
 pub mod phi;
 pub mod sampling;
 pub mod session;
@@ -46,12 +47,14 @@ pub mod template;
 pub mod tokenizer;
 
 pub use config::{PhiConfig, VisionConfig};
+pub use engine::{available_memory, MemoryNeed};
 pub use engine::{
     CancelToken, EncodeStats, Engine, EngineOptions, EngineStats, Finished, GenerateOptions,
     GenerateRequest, Generating, Generation, ImageEmbeddings, ImageEmbeds, KvCacheSize, Logits,
     PromptItem, RequestStats, SessionSlot, StopReason, StreamEvent, TextDecoder, Timings,
     STREAM_WINDOW,
 };
+pub use limits::{ImageLimits, ModelLimits};
 pub use mipha_runtime::{DeviceChoice, KvDtype, LoadProgress};
 pub use sampling::{Sampler, SamplingParams};
 pub use session::{Reply, Session, TurnStats};

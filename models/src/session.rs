@@ -123,24 +123,32 @@ impl Session {
     /// question. Unreadable, truncated, empty or oversized images are errors
     /// naming the file; the session is unchanged then.
     pub fn attach_image(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        self.check_one_more_image()?;
         let cfg = self
             .engine
             .image_config()
             .ok_or_else(|| Error::Config("this model file has no vision tower".into()))?;
         let t = Instant::now();
-        let image = crate::image::load_image(path, cfg)?;
+        let opts = crate::image::DecodeOptions {
+            limits: self.engine.options().image_limits.decode_limits(),
+            ..Default::default()
+        };
+        let decoded = crate::image::decode_file(path, &opts)?;
+        let image = crate::image::preprocess(&decoded.image, cfg);
         let preprocess = t.elapsed();
-        self.attach_pixels(&image.pixels, image.hash)?;
+        self.attach_pixels(&image.pixels)?;
         self.pending_stats.image_preprocess += preprocess;
         Ok(())
     }
 
     /// Attaches preprocessed pixels (CHW, the model's image size) to the next
-    /// question. Identical pictures are encoded once per engine; other
-    /// sessions' answers keep streaming while this one is encoded.
-    pub fn attach_pixels(&mut self, pixels: &[f32], key: u128) -> Result<()> {
+    /// question. Identical pictures (by a SHA-256 of the pixels) are encoded
+    /// once per engine; other sessions' answers keep streaming while this one
+    /// is encoded.
+    pub fn attach_pixels(&mut self, pixels: &[f32]) -> Result<()> {
+        self.check_one_more_image()?;
         let t = Instant::now();
-        let (embeds, cached) = self.engine.encode_image_keyed(pixels, key)?;
+        let (embeds, cached) = self.engine.encode_image_cached(pixels, None)?;
         let st = &mut self.pending_stats;
         if cached {
             st.images_cached += 1;
@@ -148,8 +156,15 @@ impl Session {
             st.image_encode += t.elapsed();
             st.images_encoded += 1;
         }
-        self.pending.push(ImageEmbeds { key, embeds });
+        self.pending.push(embeds);
         Ok(())
+    }
+
+    /// The conversation's pictures and one more must fit the context (and the
+    /// engine's count limit): checked before a picture is decoded or encoded.
+    fn check_one_more_image(&self) -> Result<()> {
+        self.engine
+            .check_image_count(self.images.len() + self.pending.len() + 1)
     }
 
     /// Forgets the conversation (and any pending images) and gives its KV back;
@@ -193,6 +208,15 @@ impl Session {
         on_token: impl FnMut(u32, &str) -> bool,
     ) -> Result<Reply> {
         opts.sampling.validate().map_err(Error::Config)?;
+        // The whole conversation is rendered and tokenized for each question:
+        // refuse what cannot fit before paying for that.
+        let text: usize = self
+            .turns
+            .iter()
+            .map(|t| t.user.len() + t.assistant.as_ref().map_or(0, |a| a.len()))
+            .sum();
+        self.engine
+            .check_text_len(text.saturating_add(question.len()))?;
         let start = Instant::now();
         let image_stats = std::mem::take(&mut self.pending_stats);
         let pending = std::mem::take(&mut self.pending);
@@ -203,7 +227,7 @@ impl Session {
         });
         let n_images_before = self.images.len();
         self.images.extend(pending);
-        let asked = self.render().and_then(|(ids, prompt)| {
+        let asked = self.render(opts.parse_special).and_then(|(ids, prompt)| {
             let g = self.engine.submit(GenerateRequest {
                 prompt,
                 options: opts.clone(),
@@ -259,9 +283,12 @@ impl Session {
 
     /// The conversation as the model reads it: ids, and the prompt items
     /// (pictures in place of their slots).
-    fn render(&self) -> Result<(Vec<PromptId>, Vec<PromptItem>)> {
+    fn render(&self, parse_special: bool) -> Result<(Vec<PromptId>, Vec<PromptItem>)> {
         let segments = self.engine.template().render(&self.turns);
-        let ids = self.engine.tokenizer().encode_segments(&segments)?;
+        let ids = self
+            .engine
+            .tokenizer()
+            .encode_segments_with(&segments, parse_special)?;
         let items = ids
             .iter()
             .map(|id| match id {

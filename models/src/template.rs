@@ -6,7 +6,12 @@ use mipha_runtime::{Metadata, Result};
 /// A piece of a rendered prompt.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Segment {
+    /// text, in which a special token's spelling is just text: what users
+    /// write cannot end a turn or the answer
     Text(String),
+    /// a control string the template itself inserts (`<|endoftext|>` after an
+    /// answer): tokenized with special tokens recognised
+    Special(String),
     /// the n-th image attached to the conversation
     Image(usize),
 }
@@ -86,8 +91,10 @@ impl ChatTemplate {
                 });
             }
         }
-        self.render_messages(&messages)
-            .expect("turns alternate user and assistant")
+        // A transcript may end with an answer (a restored conversation): it
+        // renders whole, ready for the next question.
+        self.render_chat(&messages, false)
+            .expect("turns alternate user and assistant, pictures in user turns")
     }
 
     /// Renders a whole chat in the OpenAI message shape. System messages
@@ -103,6 +110,14 @@ impl ChatTemplate {
     pub fn render_messages(
         &self,
         messages: &[Message],
+    ) -> std::result::Result<Vec<Segment>, String> {
+        self.render_chat(messages, true)
+    }
+
+    fn render_chat(
+        &self,
+        messages: &[Message],
+        user_last: bool,
     ) -> std::result::Result<Vec<Segment>, String> {
         let mut system: Option<String> = None;
         let mut turns: Vec<(Role, Vec<Part>)> = Vec::new();
@@ -140,7 +155,7 @@ impl ChatTemplate {
             }
             _ => {}
         }
-        if let Some((Role::Assistant, _)) = turns.last() {
+        if let (true, Some((Role::Assistant, _))) = (user_last, turns.last()) {
             return Err("the last message must be the user's (the model answers it)".into());
         }
         let mut out = Vec::new();
@@ -175,13 +190,14 @@ impl ChatTemplate {
                 Role::Assistant => {
                     text.push(' ');
                     text.push_str(&Part::text_of(parts));
-                    text.push_str(&self.sep2);
+                    out.push(Segment::Text(std::mem::take(&mut text)));
+                    out.push(Segment::Special(self.sep2.clone()));
                 }
                 Role::System => unreachable!("system messages are taken out above"),
             }
         }
         out.push(Segment::Text(text));
-        out.retain(|s| !matches!(s, Segment::Text(t) if t.is_empty()));
+        out.retain(|s| !matches!(s, Segment::Text(t) | Segment::Special(t) if t.is_empty()));
         Ok(out)
     }
 }

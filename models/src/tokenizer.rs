@@ -14,7 +14,11 @@ pub enum PromptId {
 }
 
 pub struct MiphaTokenizer {
+    /// special tokens recognised in the text (`<|endoftext|>` is one id)
     inner: tokenizers::Tokenizer,
+    /// special tokens' spellings are plain text (transformers'
+    /// `split_special_tokens`): for what users write
+    plain: tokenizers::Tokenizer,
     eos: u32,
     image_token_index: i64,
     /// every id's decoded bytes, for a byte-level decoder (see [`TokenBytes`])
@@ -103,17 +107,56 @@ fn byte_level_byte(c: char) -> Option<u8> {
 }
 
 impl MiphaTokenizer {
+    /// The tokenizer of a file, its ids bounded by `lm.vocab_size` (or by
+    /// [`crate::ModelLimits`]' vocabulary bound in a file without one).
     pub fn from_metadata(m: &Metadata) -> Result<Self> {
-        let json = m.get_bytes("tokenizer.huggingface.json")?;
-        let inner = tokenizers::Tokenizer::from_bytes(json)
-            .map_err(|e| Error::Config(format!("tokenizer.huggingface.json: {e}")))?;
+        let vocab = match m.get_u64("lm.vocab_size") {
+            Ok(v) => crate::limits::check_range("lm.vocab_size", v, 1, usize::MAX)?,
+            Err(_) => crate::ModelLimits::default().max_vocab,
+        };
+        Self::from_metadata_with_vocab(m, vocab)
+    }
+
+    /// The tokenizer of a file whose model has `vocab` rows: every id the
+    /// tokenizer can produce, and `<|endoftext|>`, must name one of them.
+    pub fn from_metadata_with_vocab(m: &Metadata, vocab: usize) -> Result<Self> {
+        let key = "tokenizer.huggingface.json";
+        let json = m.get_bytes(key)?;
+        // The `tokenizers` crate panics on some malformed files; a hostile file
+        // must be an error, not a crash.
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(json));
+        let inner = match parsed {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return Err(Error::Config(format!("{key}: {e}"))),
+            Err(_) => {
+                return Err(Error::Config(format!(
+                    "{key}: the tokenizer library crashed reading it (malformed)"
+                )))
+            }
+        };
+        if let Some((token, &id)) = inner
+            .get_vocab(true)
+            .iter()
+            .find(|(_, &id)| id as usize >= vocab)
+        {
+            return Err(Error::Config(format!(
+                "{key}: token {token:?} has id {id}, outside the model's {vocab} rows \
+                 (`lm.vocab_size`)"
+            )));
+        }
         let eos = m.get_u64("tokenizer.eos_token_id")?;
-        let eos = u32::try_from(eos)
-            .map_err(|_| Error::Config(format!("tokenizer.eos_token_id {eos} is out of range")))?;
+        if eos >= vocab as u64 {
+            return Err(Error::Config(format!(
+                "`tokenizer.eos_token_id` = {eos} is outside the model's {vocab} rows"
+            )));
+        }
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
         Ok(MiphaTokenizer {
             bytes: TokenBytes::build(&inner),
+            plain,
             inner,
-            eos,
+            eos: eos as u32,
             image_token_index: m.get_i64("tokenizer.image_token_index").unwrap_or(-200),
         })
     }
@@ -126,25 +169,54 @@ impl MiphaTokenizer {
         self.image_token_index
     }
 
-    /// Plain text to ids: no BOS (Phi-2 prepends none), special tokens such as
-    /// `<|endoftext|>` recognised.
+    /// Text to ids: no BOS (Phi-2 prepends none), special tokens such as
+    /// `<|endoftext|>` recognised (as transformers does by default).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
+        Self::ids(&self.inner, text)
+    }
+
+    /// Text to ids with every special token's spelling taken as plain text,
+    /// as transformers' `split_special_tokens` does: what a user writes.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        Self::ids(&self.plain, text)
+    }
+
+    fn ids(t: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>> {
+        let enc = t
             .encode(text, false)
             .map_err(|e| Error::Other(format!("tokenizer: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Each text segment is tokenized on its own, as the authors'
-    /// `tokenizer_image_token` does (so the space before an image is its own token).
+    /// `tokenizer_image_token` does (so the space before an image is its own
+    /// token). Text segments take special tokens' spellings as text, so a user
+    /// cannot type `<|endoftext|>` into a conversation; only the template's
+    /// [`Segment::Special`]s become control tokens.
     pub fn encode_segments(&self, segments: &[Segment]) -> Result<Vec<PromptId>> {
+        self.encode_segments_with(segments, false)
+    }
+
+    /// [`MiphaTokenizer::encode_segments`]; with `parse_special`, special tokens
+    /// in text segments are recognised too (transformers' default, for
+    /// conformance runs).
+    pub fn encode_segments_with(
+        &self,
+        segments: &[Segment],
+        parse_special: bool,
+    ) -> Result<Vec<PromptId>> {
         let mut ids = Vec::new();
         for seg in segments {
-            match seg {
-                Segment::Text(t) => ids.extend(self.encode(t)?.into_iter().map(PromptId::Token)),
-                Segment::Image(i) => ids.push(PromptId::Image(*i)),
-            }
+            let toks = match seg {
+                Segment::Text(t) if parse_special => self.encode(t)?,
+                Segment::Text(t) => self.encode_text(t)?,
+                Segment::Special(t) => self.encode(t)?,
+                Segment::Image(i) => {
+                    ids.push(PromptId::Image(*i));
+                    continue;
+                }
+            };
+            ids.extend(toks.into_iter().map(PromptId::Token));
         }
         Ok(ids)
     }

@@ -135,16 +135,16 @@ fn bench_12_megapixel_to_384() {
     .unwrap();
     for _ in 0..3 {
         let t = std::time::Instant::now();
-        let p = preprocess(&img, &cfg);
+        let _ = preprocess(&img, &cfg);
         let total = t.elapsed();
         let t = std::time::Instant::now();
         let hash = img.content_hash();
         let hashing = t.elapsed();
         eprintln!(
-            "{w}x{h} -> 384x384 preprocess {:.1} ms (of which hashing {:.1} ms); {}",
+            "{w}x{h} -> 384x384 preprocess {:.1} ms; SHA-256 of the decoded image {:.1} ms ({:08x})",
             total.as_secs_f64() * 1e3,
             hashing.as_secs_f64() * 1e3,
-            p.hash == hash
+            hash as u32
         );
     }
 }

@@ -88,7 +88,7 @@ impl ApiError {
     pub fn from_engine(e: EngineError) -> Self {
         match e {
             EngineError::Busy { .. } => Self::unavailable(e.to_string(), 1),
-            EngineError::ContextOverflow { .. } => {
+            EngineError::ContextOverflow { .. } | EngineError::TextTooLong { .. } => {
                 let mut err = Self::param("messages", e.to_string());
                 err.code = Some("context_length_exceeded");
                 err

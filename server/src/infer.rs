@@ -15,6 +15,8 @@ pub fn options(r: &ChatRequest, deadline: Option<Instant>) -> GenerateOptions {
         sampling: r.sampling.clone(),
         ignore_eos: r.ignore_eos,
         deadline,
+        // Clients' text is text: `<|endoftext|>` in a message cannot end a turn.
+        parse_special: false,
     }
 }
 

@@ -467,6 +467,24 @@ pub fn prepare(
     engine: &Arc<Engine>,
     cancel: &CancelToken,
 ) -> Result<Prepared, ApiError> {
+    // Bounds first: neither a huge text is tokenized nor a picture decoded
+    // when the request cannot be served anyway.
+    let text_bytes: usize = r
+        .messages
+        .iter()
+        .flat_map(|m| &m.content)
+        .map(|p| match p {
+            Part::Text(t) => t.len(),
+            Part::Image => 0,
+        })
+        .sum();
+    engine
+        .check_text_len(text_bytes)
+        .and_then(|()| engine.check_image_count(r.images.len()))
+        .map_err(|e| match e {
+            mipha_runtime::Error::TextTooLong { .. } => ApiError::from_engine(e),
+            _ => ApiError::param("messages", e.to_string()),
+        })?;
     let segments = engine
         .template()
         .render_messages(&r.messages)
@@ -508,16 +526,17 @@ pub fn prepare(
     for (i, bytes) in r.images.iter().enumerate() {
         let cfg = cfg.expect("checked above");
         let label = format!("picture {i}");
-        let decoded = decode_bytes(bytes, &label, &DecodeOptions::default())
+        let opts = DecodeOptions {
+            limits: engine.options().image_limits.decode_limits(),
+            ..DecodeOptions::default()
+        };
+        let decoded = decode_bytes(bytes, &label, &opts)
             .map_err(|e| ApiError::param("messages", e.to_string()))?;
         let img = preprocess(&decoded.image, cfg);
         let (e, _) = engine
-            .encode_image_cancellable(&img.pixels, img.hash, Some(cancel))
+            .encode_image_cached(&img.pixels, Some(cancel))
             .map_err(ApiError::from_engine)?;
-        embeds.push(ImageEmbeds {
-            key: img.hash,
-            embeds: e,
-        });
+        embeds.push(e);
     }
     let prompt = ids
         .iter()

@@ -25,8 +25,8 @@ use base64::Engine as _;
 use clap::Parser;
 use mipha_models::image::{decode_bytes, preprocess, DecodeOptions};
 use mipha_models::{
-    Engine, EngineOptions, GenerateOptions, GenerateRequest, ImageEmbeds, Message, Part, PromptId,
-    PromptItem, Role, StreamEvent,
+    Engine, EngineOptions, GenerateOptions, GenerateRequest, Message, Part, PromptId, PromptItem,
+    Role, StreamEvent,
 };
 use serde_json::{json, Value};
 
@@ -225,11 +225,7 @@ fn library_request(engine: &Engine, a: &Ask, n: usize) -> BoxResult<Timed> {
             .ok_or("the model has no vision tower")?;
         let decoded = decode_bytes(png, "picture", &DecodeOptions::default())?;
         let img = preprocess(&decoded.image, cfg);
-        let (e, _) = engine.encode_image_keyed(&img.pixels, img.hash)?;
-        images.push(ImageEmbeds {
-            key: img.hash,
-            embeds: e,
-        });
+        images.push(engine.encode_image(&img.pixels)?);
         content.push(Part::Image);
     }
     content.push(Part::Text(a.text.clone()));

@@ -15,6 +15,7 @@
 //! No lock is held across an answer and no caller code runs on the loop: a slow
 //! consumer or a callback cannot stall other streams.
 
+mod memory;
 mod options;
 mod queue;
 pub(crate) mod scheduler;
@@ -34,6 +35,7 @@ use mipha_runtime::{
     SeqId, Weights,
 };
 
+pub use memory::{available_memory, MemoryNeed};
 pub use options::{
     EngineOptions, GenerateOptions, Generation, KvCacheSize, Logits, StopReason, Timings,
 };
@@ -44,6 +46,7 @@ pub use vision::{EncodeStats, ImageEmbeddings, ImageEmbeds};
 
 use crate::config::{PhiConfig, VisionConfig};
 use crate::image::ImageConfig;
+use crate::limits;
 use crate::phi::PhiForCausalLM;
 use crate::siglip::SiglipVisionTower;
 use crate::template::{ChatTemplate, Turn};
@@ -125,6 +128,10 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Opens and checks a model file, sizes everything from its metadata
+    /// (each value checked against `options.limits` and the file's tensor
+    /// table), checks the memory budget, then binds the weights and starts the
+    /// step loop. Nothing large is allocated before every check has passed.
     pub fn load(path: impl AsRef<Path>, options: EngineOptions) -> Result<Self> {
         let start = Instant::now();
         check_options(&options)?;
@@ -133,9 +140,16 @@ impl Engine {
             file.verify()?;
         }
         let meta = file.metadata();
-        let config = PhiConfig::from_metadata(meta)?;
-        let tokenizer = MiphaTokenizer::from_metadata(meta)?;
+        let limits = &options.limits;
+        let config = PhiConfig::from_metadata_with(meta, limits)?;
+        check_language_model(&file, &config)?;
+        let tokenizer = MiphaTokenizer::from_metadata_with_vocab(meta, config.vocab_size)?;
         let template = ChatTemplate::from_metadata(meta)?;
+        let vision_config = VisionConfig::from_metadata_with(meta, limits)?;
+        let vision_parts = match vision_config {
+            Some(vc) => Some(check_vision(&file, &config, vc, meta)?),
+            None => None,
+        };
         // Generation wants one output row per running sequence.
         let max_outputs = options
             .max_outputs
@@ -143,6 +157,33 @@ impl Engine {
             .min(options.max_batch_tokens);
         let plan = PhiForCausalLM::plan(&config, options.max_batch_tokens, max_outputs);
         let device = options.device.resolve()?;
+        let kv = kv_config(&plan, &options)?;
+        let vision_plan = vision_parts
+            .as_ref()
+            .map(|(vc, _)| SiglipVisionTower::plan(vc));
+        let threads = match options.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let mut need = MemoryNeed {
+            threads: threads as u64 * memory::THREAD_STACK,
+            ..MemoryNeed::default()
+        };
+        need.add_plan(&plan, &file)?;
+        if let Some(vp) = &vision_plan {
+            need.add_plan(vp, &file)?;
+        }
+        let shape = plan.kv.expect("kv_config checked it");
+        need.add_kv(&kv, shape.block_bytes(kv.block_size, kv.dtype).unwrap_or(0));
+        // A GPU holds weights, activations and KV in its own memory (its
+        // allocator reports a shortage as an error).
+        if !device.is_cuda() {
+            match (options.max_memory, available_memory()) {
+                (Some(limit), _) => need.check(limit, "set by max_memory")?,
+                (None, Some(free)) => need.check(free, "available now")?,
+                (None, None) => {}
+            }
+        }
         let bind = BindOptions {
             int8_activations: options.int8_activations,
             // A GPU reads the file's layouts: CPU panels would only cost time and memory.
@@ -150,7 +191,6 @@ impl Engine {
         };
         let progress = options.progress.as_ref();
         let weights = Weights::bind_reporting(&plan, file.clone(), bind, progress)?;
-        let kv = kv_config(&plan, &options)?;
         // The pool runs the CPU backend's kernels, and the step loop on any device.
         let pool = CpuBackend::thread_pool(options.threads)?;
         let backend = device.backend(&plan, &weights, Some(kv), pool.clone(), bind, progress)?;
@@ -159,34 +199,17 @@ impl Engine {
             .min(kv.n_blocks * kv.block_size);
         // Block tables hold a full context from the start: a decode step never grows one.
         let blocks = BlockPool::new(kv.n_blocks, kv.block_size).with_sequence_capacity(context);
-        let vision = match VisionConfig::from_metadata(meta)? {
-            Some(vc) => {
-                if vc.projector_hidden != config.hidden_size {
-                    return Err(Error::Config(format!(
-                        "the projector writes {}-wide embeddings, the language model takes {}",
-                        vc.projector_hidden, config.hidden_size
-                    )));
-                }
-                let image = ImageConfig::from_metadata(meta)?;
-                if image.height() != vc.image_size || image.width() != vc.image_size {
-                    return Err(Error::Config(format!(
-                        "images are resized to {}x{}, the vision tower takes {}x{}",
-                        image.height(),
-                        image.width(),
-                        vc.image_size,
-                        vc.image_size
-                    )));
-                }
-                let plan = SiglipVisionTower::plan(&vc);
+        let vision = match (vision_parts, vision_plan) {
+            (Some((config, image)), Some(plan)) => {
                 let weights = Weights::bind_reporting(&plan, file.clone(), bind, progress)?;
                 Some(Vision {
-                    config: vc,
+                    config,
                     image,
                     plan,
                     weights,
                 })
             }
-            None => None,
+            _ => None,
         };
         let vision_backend = match &vision {
             Some(v) => {
@@ -271,6 +294,59 @@ impl Engine {
         self.model.context
     }
 
+    /// Most bytes of text a prompt can have and still fit the context: every
+    /// token decodes to at most the vocabulary's longest token, so longer text
+    /// cannot fit whatever it tokenizes to.
+    pub fn max_text_bytes(&self) -> usize {
+        // Without a byte-level table, a generous bound per position.
+        let per_token = self
+            .model
+            .tokenizer
+            .token_bytes()
+            .map_or(1024, |t| t.max_len().max(1));
+        self.model.context.saturating_mul(per_token)
+    }
+
+    /// Refuses text that cannot fit the context, before it is tokenized (a
+    /// 100 MB question costs nothing).
+    pub fn check_text_len(&self, bytes: usize) -> Result<()> {
+        let max_bytes = self.max_text_bytes();
+        if bytes > max_bytes {
+            return Err(Error::TextTooLong {
+                bytes,
+                max_bytes,
+                context: self.model.context,
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses `count` pictures in one prompt when that is more than
+    /// [`EngineOptions::image_limits`] allow or their positions alone fill the
+    /// context: checked before any of them is decoded or encoded.
+    pub fn check_image_count(&self, count: usize) -> Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        if self.model.vision.is_none() {
+            return Err(Error::Config("this model file has no vision tower".into()));
+        }
+        let max = self.model.options.image_limits.max_count;
+        if count > max {
+            return Err(Error::Other(format!(
+                "{count} pictures in one conversation; at most {max} are allowed"
+            )));
+        }
+        let positions = count.saturating_mul(self.model.patches);
+        if positions >= self.model.context {
+            return Err(Error::ContextOverflow {
+                tokens: positions + 1,
+                max: self.model.context,
+            });
+        }
+        Ok(())
+    }
+
     /// KV blocks in the pool, and positions per block.
     pub fn kv_cache_blocks(&self) -> (usize, usize) {
         (self.kv_blocks, self.model.options.kv_block_size)
@@ -344,15 +420,15 @@ impl Engine {
                 }
                 PromptItem::Token(_) => 1,
                 PromptItem::Image(img) => {
-                    let rows = img.embeds.rows(hidden);
+                    let rows = img.embeddings().rows(hidden);
                     if self.model.vision.is_none() {
                         return Err(Error::Config("this model file has no vision tower".into()));
                     }
-                    if rows != self.model.patches || img.embeds.width(hidden) != hidden {
+                    if rows != self.model.patches || img.embeddings().width(hidden) != hidden {
                         return Err(Error::Other(format!(
                             "a picture's embeddings are {rows} rows of {}, the model takes \
                              {} rows of {hidden}",
-                            img.embeds.width(hidden),
+                            img.embeddings().width(hidden),
                             self.model.patches
                         )));
                     }
@@ -547,28 +623,25 @@ impl Engine {
         Ok(Arc::unwrap_or_clone(e.embeds.to_host()?))
     }
 
-    /// The image embeddings of `pixels` where the language model reads them: kept
-    /// on the GPU when the engine runs there (no round trip through the host),
-    /// else on the host. Other streams keep decoding while it is encoded.
-    pub fn encode_image(&self, pixels: &[f32]) -> Result<ImageEmbeddings> {
-        Ok(self.encode(pixels, None, true, false, None)?.embeds)
+    /// The picture's embeddings where the language model reads them (kept on
+    /// the GPU when the engine runs there, else on the host), keyed by a SHA-256
+    /// of `pixels`, through the engine's small LRU: a second question about the
+    /// same picture costs no encode. Other streams keep decoding while it is
+    /// encoded.
+    pub fn encode_image(&self, pixels: &[f32]) -> Result<ImageEmbeds> {
+        Ok(self.encode_image_cached(pixels, None)?.0)
     }
 
-    /// [`Engine::encode_image`] through a small LRU keyed by `key` (a content
-    /// hash of the image): the second question about a picture costs no encode.
-    /// Returns the embeddings and whether they came from the cache.
-    pub fn encode_image_keyed(&self, pixels: &[f32], key: u128) -> Result<(ImageEmbeddings, bool)> {
-        self.encode_image_cancellable(pixels, key, None)
-    }
-
-    /// [`Engine::encode_image_keyed`], given up (with [`Error::Cancelled`]) when
-    /// `cancel` fires between two slices of the encoding.
-    pub fn encode_image_cancellable(
+    /// [`Engine::encode_image`], saying whether the embeddings came from the
+    /// cache, and given up (with [`Error::Cancelled`]) when `cancel` fires
+    /// between two slices of the encoding.
+    pub fn encode_image_cached(
         &self,
         pixels: &[f32],
-        key: u128,
         cancel: Option<&CancelToken>,
-    ) -> Result<(ImageEmbeddings, bool)> {
+    ) -> Result<(ImageEmbeds, bool)> {
+        self.check_pixels(pixels)?;
+        let key = vision::pixel_key(pixels);
         let lookup = |cache: &mut VecDeque<(u128, ImageEmbeddings)>| {
             let at = cache.iter().position(|(k, _)| *k == key)?;
             let hit = cache.remove(at)?;
@@ -578,7 +651,7 @@ impl Engine {
         };
         if let Some(e) = lookup(&mut self.cache()) {
             self.stats.image_hit();
-            return Ok((e, true));
+            return Ok((ImageEmbeds::new(key, e), true));
         }
         self.stats.image_miss();
         let embeds = self.encode(pixels, Some(key), true, false, cancel)?.embeds;
@@ -587,20 +660,15 @@ impl Engine {
             cache.push_front((key, embeds.clone()));
             cache.truncate(self.model.options.image_cache);
         }
-        Ok((embeds, false))
+        Ok((ImageEmbeds::new(key, embeds), false))
     }
 
-    /// [`Engine::encode_image`], with where the time went (no cache).
-    pub fn encode_image_timed(&self, pixels: &[f32]) -> Result<(ImageEmbeddings, EncodeStats)> {
-        let e = self.encode(pixels, None, true, false, None)?;
-        Ok((e.embeds, e.stats))
-    }
-
-    /// [`Engine::encode_image_keyed`] with the embeddings on the host (a download
-    /// when the engine keeps them on the GPU).
-    pub fn encode_image_cached(&self, pixels: &[f32], key: u128) -> Result<(Arc<Vec<f32>>, bool)> {
-        let (e, cached) = self.encode_image_keyed(pixels, key)?;
-        Ok((e.to_host()?, cached))
+    /// [`Engine::encode_image`] without the cache, with where the time went.
+    pub fn encode_image_timed(&self, pixels: &[f32]) -> Result<(ImageEmbeds, EncodeStats)> {
+        self.check_pixels(pixels)?;
+        let key = vision::pixel_key(pixels);
+        let e = self.encode(pixels, Some(key), true, false, None)?;
+        Ok((ImageEmbeds::new(key, e.embeds), e.stats))
     }
 
     fn encode(
@@ -689,6 +757,74 @@ fn stopped() -> Error {
     Error::Other("the engine stopped before answering".into())
 }
 
+/// Cross-checks the language model's hyper-parameters against the tensor
+/// table before a plan is sized from them.
+fn check_language_model(file: &MqfFile, c: &PhiConfig) -> Result<()> {
+    limits::check_layers(
+        file,
+        "lm.num_hidden_layers",
+        "model.layers",
+        c.num_hidden_layers,
+    )?;
+    limits::check_shape(
+        file,
+        "model.embed_tokens.weight",
+        &[c.vocab_size, c.hidden_size],
+        "`lm.vocab_size` and `lm.hidden_size`",
+    )?;
+    limits::check_shape(
+        file,
+        "model.layers.0.mlp.fc1.weight",
+        &[c.intermediate_size, c.hidden_size],
+        "`lm.intermediate_size` and `lm.hidden_size`",
+    )?;
+    limits::check_shape(
+        file,
+        "model.layers.0.self_attn.k_proj.weight",
+        &[c.kv_dim(), c.hidden_size],
+        "`lm.num_key_value_heads` x `lm.head_dim` and `lm.hidden_size`",
+    )
+}
+
+/// The vision tower's config checked against the language model, the image
+/// preprocessing and the tensor table.
+fn check_vision(
+    file: &MqfFile,
+    lm: &PhiConfig,
+    vc: VisionConfig,
+    meta: &mipha_runtime::Metadata,
+) -> Result<(VisionConfig, ImageConfig)> {
+    if vc.projector_hidden != lm.hidden_size {
+        return Err(Error::Config(format!(
+            "the projector writes {}-wide embeddings, the language model takes {}",
+            vc.projector_hidden, lm.hidden_size
+        )));
+    }
+    let image = ImageConfig::from_metadata(meta)?;
+    if image.height() != vc.image_size || image.width() != vc.image_size {
+        return Err(Error::Config(format!(
+            "images are resized to {}x{}, the vision tower takes {}x{}",
+            image.height(),
+            image.width(),
+            vc.image_size,
+            vc.image_size
+        )));
+    }
+    limits::check_layers(
+        file,
+        "vision.num_hidden_layers",
+        "model.vision_tower.vision_model.encoder.layers",
+        vc.num_hidden_layers,
+    )?;
+    limits::check_shape(
+        file,
+        "model.vision_tower.vision_model.embeddings.position_embedding.weight",
+        &[vc.num_patches(), vc.hidden_size],
+        "`vision.image_size`, `vision.patch_size` and `vision.hidden_size`",
+    )?;
+    Ok((vc, image))
+}
+
 /// Checks the options' sizes before anything is allocated.
 fn check_options(o: &EngineOptions) -> Result<()> {
     let positive = [
@@ -701,6 +837,21 @@ fn check_options(o: &EngineOptions) -> Result<()> {
     if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
         return Err(Error::Config(format!("{name} must be positive")));
     }
+    let bounded = [
+        ("threads", o.threads, mipha_runtime::cpu::MAX_THREADS),
+        ("max_batch_tokens", o.max_batch_tokens, 1 << 16),
+        ("max_outputs", o.max_outputs, 1 << 16),
+        ("kv_block_size", o.kv_block_size, 1 << 12),
+        ("max_sequences", o.max_sequences, 1 << 12),
+        ("max_queue", o.max_queue, 1 << 20),
+        ("image_cache", o.image_cache, 1 << 12),
+    ];
+    if let Some((name, v, max)) = bounded.iter().find(|(_, v, max)| v > max) {
+        return Err(Error::Config(format!(
+            "{name} = {v} is above the limit of {max}"
+        )));
+    }
+    o.image_limits.validate()?;
     if o.max_sequences > o.max_batch_tokens {
         return Err(Error::Config(format!(
             "max_sequences ({}) must not exceed max_batch_tokens ({}): every running \

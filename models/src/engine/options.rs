@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use mipha_runtime::{DeviceChoice, KvDtype, LoadProgress};
 
+use crate::limits::{ImageLimits, ModelLimits};
 use crate::sampling::SamplingParams;
 
 /// How much memory the KV cache gets. Every sequence, running or parked,
@@ -48,8 +49,16 @@ pub struct EngineOptions {
     /// reuse the KV of identical prompt prefixes across requests (content-
     /// addressed blocks)
     pub prefix_cache: bool,
-    /// check every tensor checksum at load
+    /// check every tensor's checksum at load (reads the whole file once)
     pub verify: bool,
+    /// refuse to load when weights, activation buffers, the KV cache and thread
+    /// stacks together need more bytes than this; `None`: the memory available
+    /// at load (`MemAvailable`, or the container's cgroup limit when lower)
+    pub max_memory: Option<u64>,
+    /// bounds every hyper-parameter of the file is checked against
+    pub limits: ModelLimits,
+    /// bounds on callers' pictures (pixels, file bytes, pictures per request)
+    pub image_limits: ImageLimits,
     /// image embeddings kept for reuse (an LRU keyed by pixel content)
     pub image_cache: usize,
     /// Q8_0/Q4_0 weights multiply int8-quantized activations (per 32-block, as
@@ -78,6 +87,9 @@ impl Default for EngineOptions {
             step_target: Duration::from_millis(250),
             prefix_cache: true,
             verify: false,
+            max_memory: None,
+            limits: ModelLimits::default(),
+            image_limits: ImageLimits::default(),
             image_cache: 8,
             int8_activations: true,
             device: DeviceChoice::Cpu,
@@ -97,6 +109,10 @@ pub struct GenerateOptions {
     /// stop (with [`StopReason::Deadline`]) once this instant has passed, queued
     /// or running
     pub deadline: Option<Instant>,
+    /// recognise special tokens (`<|endoftext|>`) spelled in the user's text,
+    /// as transformers does by default; off (the default), users' text is
+    /// plain text and only the chat template inserts control tokens
+    pub parse_special: bool,
 }
 
 impl Default for GenerateOptions {
@@ -106,6 +122,7 @@ impl Default for GenerateOptions {
             sampling: SamplingParams::default(),
             ignore_eos: false,
             deadline: None,
+            parse_special: false,
         }
     }
 }

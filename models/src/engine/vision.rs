@@ -75,13 +75,63 @@ impl ImageEmbeddings {
     }
 }
 
-/// A picture in a prompt: its content key and its embeddings.
+/// A picture in a prompt: its embeddings and the content key that decides
+/// reuse (the image cache, and the picture's part of the prefix cache's block
+/// hashes). Only the engine makes keys, from content: from the pixels it
+/// encodes ([`crate::Engine::encode_image`]) or from the embeddings themselves
+/// ([`ImageEmbeds::from_host`]). A caller cannot name a key, so it cannot make
+/// another request reuse embeddings or KV of a different picture.
 #[derive(Clone, Debug)]
 pub struct ImageEmbeds {
-    /// content hash of the decoded pixels (the cache key, and the picture's
-    /// part of the prefix cache's block hashes)
-    pub key: u128,
-    pub embeds: ImageEmbeddings,
+    key: u128,
+    embeds: ImageEmbeddings,
+}
+
+impl ImageEmbeds {
+    pub(crate) fn new(key: u128, embeds: ImageEmbeddings) -> Self {
+        ImageEmbeds { key, embeds }
+    }
+
+    /// Embeddings computed elsewhere (`[num_patches, hidden]`, e.g. kept from an
+    /// earlier run), keyed by a SHA-256 of their own values.
+    pub fn from_host(embeddings: Vec<f32>) -> Self {
+        let key = content_key(b"mipha-embeds-v1\0", &embeddings);
+        ImageEmbeds {
+            key,
+            embeds: ImageEmbeddings::Host(Arc::new(embeddings)),
+        }
+    }
+
+    /// The content key: 128 bits of a SHA-256 of the pixels (or embeddings).
+    pub fn key(&self) -> u128 {
+        self.key
+    }
+
+    pub fn embeddings(&self) -> &ImageEmbeddings {
+        &self.embeds
+    }
+
+    /// The values on the host (a download for device-resident ones).
+    pub fn to_host(&self) -> Result<Arc<Vec<f32>>> {
+        self.embeds.to_host()
+    }
+}
+
+/// 128 bits of a SHA-256 over a domain tag, the value count and the values'
+/// little-endian bytes: collision-resistant, so equal keys mean equal content.
+pub(crate) fn content_key(domain: &[u8], values: &[f32]) -> u128 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(domain);
+    h.update((values.len() as u64).to_le_bytes());
+    h.update(bytemuck::cast_slice::<f32, u8>(values));
+    let d = h.finalize();
+    u128::from_le_bytes(d[..16].try_into().expect("a SHA-256 has 32 bytes"))
+}
+
+/// The key of preprocessed pixels.
+pub(crate) fn pixel_key(pixels: &[f32]) -> u128 {
+    content_key(b"mipha-pixels-v1\0", pixels)
 }
 
 /// Buffers a plan tapped, recorded on the step loop and replayed to the

@@ -52,6 +52,8 @@ impl ImageFormat {
 pub struct DecodeLimits {
     pub max_width: u32,
     pub max_height: u32,
+    /// Pixels (width x height).
+    pub max_pixels: u64,
     /// Bytes of the decoded pixel buffer in the file's own layout (e.g. 8 per pixel
     /// for 16-bit RGBA).
     pub max_decoded_bytes: u64,
@@ -64,6 +66,7 @@ impl Default for DecodeLimits {
         DecodeLimits {
             max_width: 16384,
             max_height: 16384,
+            max_pixels: 1 << 28,
             max_decoded_bytes: 512 << 20,
             max_file_bytes: 256 << 20,
         }
@@ -332,6 +335,16 @@ impl Ctx<'_> {
                 detail: format!(
                     "{} header declares {width}x{height} pixels, the limit is {}x{}",
                     self.format, limits.max_width, limits.max_height
+                ),
+            });
+        }
+        let pixels = u64::from(width) * u64::from(height);
+        if pixels > limits.max_pixels {
+            return Err(ImageError::TooLarge {
+                input: self.input.clone(),
+                detail: format!(
+                    "{} header declares {width}x{height} = {pixels} pixels, the limit is {}",
+                    self.format, limits.max_pixels
                 ),
             });
         }

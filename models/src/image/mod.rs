@@ -250,15 +250,16 @@ impl RgbImage {
         [self.data[i], self.data[i + 1], self.data[i + 2]]
     }
 
-    /// xxh3-128 of the dimensions and pixels: equal images get equal keys whatever
-    /// file they came from (the engine's image-embedding cache key).
+    /// 128 bits of a SHA-256 of the dimensions and pixels: equal images get
+    /// equal keys whatever file they came from, and different ones never meet.
     pub fn content_hash(&self) -> u128 {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
         h.update(b"mipha-rgb8\0");
-        h.update(&self.width.to_le_bytes());
-        h.update(&self.height.to_le_bytes());
+        h.update(self.width.to_le_bytes());
+        h.update(self.height.to_le_bytes());
         h.update(&self.data);
-        h.digest128()
+        u128::from_le_bytes(h.finalize()[..16].try_into().expect("32 bytes"))
     }
 
     /// `expand2square` materialised (preprocessing does the same without building it).
@@ -295,8 +296,6 @@ pub struct PreparedImage {
     pub pixels: Vec<f32>,
     pub height: usize,
     pub width: usize,
-    /// [`RgbImage::content_hash`] of the decoded image.
-    pub hash: u128,
     /// Size of the decoded (orientation-corrected) image before preprocessing.
     pub source_width: u32,
     pub source_height: u32,
@@ -326,7 +325,6 @@ pub fn preprocess(image: &RgbImage, cfg: &ImageConfig) -> PreparedImage {
         pixels,
         height: h,
         width: w,
-        hash: image.content_hash(),
         source_width: image.width,
         source_height: image.height,
     }

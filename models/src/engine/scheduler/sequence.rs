@@ -112,7 +112,7 @@ impl Seq {
         match &self.job.prompt[i] {
             PromptItem::Token(t) => PosKey::Token(*t),
             PromptItem::Image(img) => PosKey::Image {
-                image: img.key,
+                image: img.key(),
                 index: (p - self.item_start[i]) as u32,
             },
         }
@@ -147,7 +147,7 @@ impl Seq {
                 match &self.job.prompt[i] {
                     PromptItem::Token(t) => inputs.push(Input::Token(*t)),
                     PromptItem::Image(img) => {
-                        img.embeds
+                        img.embeddings()
                             .push_rows(hidden, p - start..stop - start, inputs)
                     }
                 }
@@ -216,7 +216,7 @@ pub(super) fn common_prefix(held: &[PromptItem], prompt: &[PromptItem], patches:
     for (a, b) in held.iter().zip(prompt) {
         match (a, b) {
             (PromptItem::Token(x), PromptItem::Token(y)) if x == y => n += 1,
-            (PromptItem::Image(x), PromptItem::Image(y)) if x.key == y.key => n += patches,
+            (PromptItem::Image(x), PromptItem::Image(y)) if x.key() == y.key() => n += patches,
             _ => break,
         }
     }
