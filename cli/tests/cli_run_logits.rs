@@ -156,3 +156,59 @@ fn bad_input_is_a_clear_error_with_a_failing_exit_code() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("context"), "{err}");
 }
+
+#[test]
+fn unbounded_values_and_budgets_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_a(dir.path());
+    let fails = |args: &[&str], needle: &str| {
+        let out = Command::new(BIN)
+            .args(["run", "--model"])
+            .arg(&model)
+            .args(["-p", "hi", "-n", "1"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    };
+    fails(&["--threads", "100000"], "--threads 100000");
+    fails(&["--max-memory", "1M"], "max_memory");
+    fails(&["--max-memory", "8Q"], "unknown size suffix");
+    fails(&["--kv-cache-mb", "1000000"], "available now");
+    fails(&["--max-images", "0"], "max-images");
+    let ok = Command::new(BIN)
+        .args(["run", "--model"])
+        .arg(&model)
+        .args(["-p", "hi", "-n", "1", "--verify", "--max-memory", "2G"])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}
+
+#[test]
+fn prompt_text_spelling_a_control_token_is_text_unless_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_a(dir.path());
+    let ids = |extra: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["run", "--model"])
+            .arg(&model)
+            .args(["-p", "a <|endoftext|> b", "-n", "1", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["prompt_ids"].as_array().unwrap().clone()
+    };
+    let eos = serde_json::json!(50256);
+    assert!(!ids(&[]).contains(&eos));
+    assert!(ids(&["--parse-special"]).contains(&eos));
+}
