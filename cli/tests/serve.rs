@@ -397,8 +397,13 @@ fn picture(data: &[u8]) -> Value {
 
 #[test]
 fn every_error_has_its_status_and_type_and_the_server_goes_on() {
-    let s = Server::start(&["--max-body-mb", "1"], true);
+    let s = Server::start(&["--max-body-mb", "1", "--max-images", "1"], true);
     let long = "word ".repeat(3000);
+    // more bytes than the context could hold whatever they tokenize to
+    let huge = "a".repeat(900 << 10);
+    let bad = json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}});
+    let two_pictures =
+        json!([{"role": "user", "content": [bad.clone(), bad, {"type": "text", "text": "?"}]}]);
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
         ("malformed JSON", b"{\"messages\": [".to_vec(), 400, "invalid_request_error"),
         ("not an object", b"[1, 2]".to_vec(), 400, "invalid_request_error"),
@@ -411,6 +416,8 @@ fn every_error_has_its_status_and_type_and_the_server_goes_on() {
         ("undecodable picture", json!({"messages": picture(b"not a picture at all")}).to_string().into_bytes(), 400, "invalid_request_error"),
         ("over-large picture", json!({"messages": picture(&huge_png())}).to_string().into_bytes(), 400, "invalid_request_error"),
         ("past the context", json!({"messages": user(&long)}).to_string().into_bytes(), 400, "invalid_request_error"),
+        ("text no context holds", json!({"messages": user(&huge)}).to_string().into_bytes(), 400, "invalid_request_error"),
+        ("more pictures than allowed", json!({"messages": two_pictures.clone()}).to_string().into_bytes(), 400, "invalid_request_error"),
         ("n > 1", json!({"messages": user("hi"), "n": 2}).to_string().into_bytes(), 400, "invalid_request_error"),
         ("unknown parameter", json!({"messages": user("hi"), "best_of": 2}).to_string().into_bytes(), 400, "invalid_request_error"),
         ("temperature out of range", json!({"messages": user("hi"), "temperature": 3}).to_string().into_bytes(), 400, "invalid_request_error"),
@@ -440,6 +447,21 @@ fn every_error_has_its_status_and_type_and_the_server_goes_on() {
             "after {what}"
         );
     }
+    let (_, _, text) = s.post_raw(
+        "/v1/chat/completions",
+        json!({"messages": user(&huge)}).to_string().as_bytes(),
+        None,
+    );
+    assert!(
+        text.contains("context_length_exceeded") && text.contains("bytes"),
+        "{text}"
+    );
+    let (_, _, text) = s.post_raw(
+        "/v1/chat/completions",
+        json!({"messages": two_pictures}).to_string().as_bytes(),
+        None,
+    );
+    assert!(text.contains("at most 1"), "{text}");
     let (status, text) = s.get("/v1/nowhere");
     assert_eq!(status, 404, "{text}");
     assert_eq!(
