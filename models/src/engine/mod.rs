@@ -143,13 +143,13 @@ impl Engine {
         let limits = &options.limits;
         let config = PhiConfig::from_metadata_with(meta, limits)?;
         check_language_model(&file, &config)?;
-        let tokenizer = MiphaTokenizer::from_metadata_with_vocab(meta, config.vocab_size)?;
-        let template = ChatTemplate::from_metadata(meta)?;
-        let vision_config = VisionConfig::from_metadata_with(meta, limits)?;
-        let vision_parts = match vision_config {
+        // Every cheap check before the tokenizer is parsed (the slow one).
+        let vision_parts = match VisionConfig::from_metadata_with(meta, limits)? {
             Some(vc) => Some(check_vision(&file, &config, vc, meta)?),
             None => None,
         };
+        let tokenizer = MiphaTokenizer::from_metadata_with_vocab(meta, config.vocab_size)?;
+        let template = ChatTemplate::from_metadata(meta)?;
         // Generation wants one output row per running sequence.
         let max_outputs = options
             .max_outputs
