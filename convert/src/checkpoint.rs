@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
-use safetensors::tensor::Metadata;
+use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
 use serde_json::Value;
 
@@ -256,7 +256,7 @@ fn read_header(path: &Path, rel: &str) -> Result<(SourceFile, Metadata)> {
     // last tensor against the file size covers them all; name the first that spills.
     for name in meta.offset_keys() {
         let info = meta.info(&name).expect("offset_keys come from the map");
-        let end = data_start + info.data_offsets.1 as u64;
+        let (_, end) = byte_range(&file, &name, info)?;
         if end > size {
             return Err(ConvertError::Truncated {
                 path: path.into(),
@@ -267,6 +267,26 @@ fn read_header(path: &Path, rel: &str) -> Result<(SourceFile, Metadata)> {
         }
     }
     Ok((file, meta))
+}
+
+/// A tensor's absolute byte range in its file: the header's `data_offsets` past
+/// the data start. A hostile header can declare offsets near 2^64 (the
+/// safetensors crate only checks that they are contiguous and match the shapes),
+/// so the addition is checked and an overflow names the tensor.
+fn byte_range(file: &SourceFile, name: &str, info: &TensorInfo) -> Result<(u64, u64)> {
+    let (begin, end) = info.data_offsets;
+    let abs = |off: usize| file.data_start.checked_add(u64::try_from(off).ok()?);
+    match (abs(begin), abs(end)) {
+        (Some(s), Some(e)) => Ok((s, e)),
+        _ => Err(ConvertError::Safetensors {
+            path: file.path.clone(),
+            detail: format!(
+                "tensor `{name}`: data offsets [{begin}, {end}] past the data start (byte {}) \
+                 overflow a 64-bit file offset",
+                file.data_start
+            ),
+        }),
+    }
 }
 
 fn add_tensors(
@@ -288,13 +308,14 @@ fn add_tensors(
             Dtype::BF16 => Ok(SourceDtype::BF16),
             other => Err(format!("{other:?}")),
         };
+        let (start, end) = byte_range(file, &name, info)?;
         out.push(SourceTensor {
             name,
             file: idx,
             dtype,
             shape: info.shape.clone(),
-            start: file.data_start + info.data_offsets.0 as u64,
-            end: file.data_start + info.data_offsets.1 as u64,
+            start,
+            end,
         });
     }
     Ok(())
@@ -328,5 +349,36 @@ impl Reader {
                 ConvertError::io(&self.path, e)
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_past_2_pow_64_are_an_error_naming_the_tensor() {
+        let file = SourceFile {
+            rel: "model.safetensors".into(),
+            path: "ckpt/model.safetensors".into(),
+            size: 1 << 20,
+            data_start: 1000,
+        };
+        let info = TensorInfo {
+            dtype: Dtype::U8,
+            shape: vec![16],
+            data_offsets: (usize::MAX - 16, usize::MAX),
+        };
+        let e = byte_range(&file, "lm_head.weight", &info)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ckpt/model.safetensors"), "{e}");
+        assert!(e.contains("`lm_head.weight`"), "{e}");
+        assert!(e.contains("overflow"), "{e}");
+        let ok = TensorInfo {
+            data_offsets: (16, 32),
+            ..info
+        };
+        assert_eq!(byte_range(&file, "x", &ok).unwrap(), (1016, 1032));
     }
 }

@@ -12,6 +12,17 @@ use serde_json::Value;
 
 use crate::error::{ConvertError, Result};
 
+/// Most layers accepted in either tower (Mipha-3B has 32 and 27): the tensor plan
+/// lists every layer's tensors, so a hostile count must not drive it.
+pub const MAX_LAYERS: usize = 4096;
+/// Largest width, vocabulary or context accepted: far above any real model, and
+/// small enough that the products the plan forms (rows x columns, patches x
+/// width) cannot overflow.
+pub const MAX_DIM: usize = 1 << 31;
+/// Largest `vision_tower.image_size` (the runtime's limit on `image.size`), so
+/// that `(image_size / patch_size)^2` patches cannot overflow.
+pub const MAX_IMAGE_SIDE: usize = 8192;
+
 /// Phi-2 language model hyper-parameters (top level of `config.json`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LmConfig {
@@ -253,6 +264,15 @@ impl ModelConfig {
                 return Err(top.bad(key, "must be positive"));
             }
         }
+        top.at_most("num_hidden_layers", lm.num_hidden_layers, MAX_LAYERS)?;
+        for (key, v) in [
+            ("vocab_size", lm.vocab_size),
+            ("hidden_size", lm.hidden_size),
+            ("intermediate_size", lm.intermediate_size),
+            ("max_position_embeddings", lm.max_position_embeddings),
+        ] {
+            top.at_most(key, v, MAX_DIM)?;
+        }
 
         let vc = top.obj("vision_config")?;
         let vt = vc.obj("vision_tower")?;
@@ -266,12 +286,17 @@ impl ModelConfig {
                 &format!("({v_heads}) must divide hidden_size ({v_hidden})"),
             ));
         }
+        vt.at_most("hidden_size", v_hidden, MAX_DIM)?;
         let v_layers = vt.usize("num_hidden_layers")?;
+        vt.at_most("num_hidden_layers", v_layers, MAX_LAYERS)?;
         let select_layer = vt.i64("mm_vision_select_layer")?;
         // hidden_states has v_layers + 1 entries (embeddings, then each layer's output);
         // entry k is the output of layer k - 1, so layers 0..k are the ones that matter.
+        // (v_layers is at most MAX_LAYERS; the sum is checked for a hostile select_layer.)
         let selected = if select_layer < 0 {
-            v_layers as i64 + 1 + select_layer
+            (v_layers as i64 + 1)
+                .checked_add(select_layer)
+                .unwrap_or(-1)
         } else {
             select_layer
         };
@@ -295,6 +320,7 @@ impl ModelConfig {
             ));
         }
         let image_size = vt.usize("image_size")?;
+        vt.at_most("image_size", image_size, MAX_IMAGE_SIDE)?;
         let patch_size = vt.usize("patch_size")?;
         if patch_size == 0 || patch_size > image_size {
             return Err(vt.bad(
@@ -302,15 +328,19 @@ impl ModelConfig {
                 &format!("({patch_size}) must be within 1..=image_size ({image_size})"),
             ));
         }
+        let v_intermediate = vt.usize("intermediate_size")?;
+        vt.at_most("intermediate_size", v_intermediate, MAX_DIM)?;
+        let num_channels = vt.opt_usize("num_channels")?.unwrap_or(3);
+        vt.at_most("num_channels", num_channels, MAX_DIM)?;
         let vision = VisionConfig {
             hidden_size: v_hidden,
-            intermediate_size: vt.usize("intermediate_size")?,
+            intermediate_size: v_intermediate,
             num_hidden_layers: v_layers,
             kept_layers: selected as usize,
             num_attention_heads: v_heads,
             image_size,
             patch_size,
-            num_channels: vt.opt_usize("num_channels")?.unwrap_or(3),
+            num_channels,
             layer_norm_eps: vt.opt_f64("layer_norm_eps")?.unwrap_or(1e-6),
             hidden_act: vt
                 .opt_str("hidden_act")?
@@ -417,6 +447,14 @@ impl<'a> Json<'a> {
 
     fn bad(&self, key: &str, problem: &str) -> ConvertError {
         self.err(self.key(key), problem)
+    }
+
+    /// Refuses `v` (the value of `key`) above `max`.
+    fn at_most(&self, key: &str, v: usize, max: usize) -> Result<()> {
+        if v > max {
+            return Err(self.bad(key, &format!("({v}) is above the supported maximum {max}")));
+        }
+        Ok(())
     }
 
     /// `null` counts as absent, as transformers treats it.

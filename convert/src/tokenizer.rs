@@ -39,7 +39,7 @@ impl TokenizerInfo {
             path: path.into(),
             detail,
         };
-        let tok = Tokenizer::from_bytes(&json).map_err(|e| err(format!("cannot load: {e}")))?;
+        let tok = load(&json).map_err(err)?;
         let eos_id = tok
             .token_to_id(EOS_TOKEN)
             .ok_or_else(|| err(format!("has no `{EOS_TOKEN}` token")))?;
@@ -57,6 +57,21 @@ impl TokenizerInfo {
             Vec::new(),
         )
         .expect("the embedded reference tokenizer is valid")
+    }
+}
+
+/// Loads a `tokenizer.json` with the `tokenizers` crate, whose deserialisers
+/// panic on some malformed files (`expect("Helper")` on a JSON syntax error inside
+/// `decoder`, a `continuing_subword_prefix` longer than a merge's second token,
+/// ...): syntax is checked first, and any other panic becomes an error too.
+fn load(json: &[u8]) -> std::result::Result<Tokenizer, String> {
+    // A full parse (escapes, depth), as the tokenizers crate's own will be.
+    serde_json::from_slice::<Value>(json)
+        .map_err(|e| format!("cannot load: not valid JSON: {e}"))?;
+    match std::panic::catch_unwind(|| Tokenizer::from_bytes(json)) {
+        Ok(Ok(tok)) => Ok(tok),
+        Ok(Err(e)) => Err(format!("cannot load: {e}")),
+        Err(_) => Err("cannot load: the tokenizers crate panicked on this file".into()),
     }
 }
 
