@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use mipha_runtime::Capture;
 
+pub mod fuzz_support;
+
 /// `tests/fixtures/<name>` inside the repository (fixtures are copied in, so the
 /// tests pass on a fresh clone without `../shared`). A test binary run from
 /// another checkout (prebuilt binaries carried to a GPU machine) finds them under

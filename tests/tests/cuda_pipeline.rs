@@ -73,7 +73,7 @@ fn pictures_to_tokens_on_gpu() {
         let path = fixture(&format!("{name}/{file}"));
         let img = load_image(&path, e.image_config().unwrap()).unwrap();
         // the embeddings stay on the GPU; a copy comes back only to check them
-        let (kept, _) = e.encode_image_keyed(&img.pixels, img.hash).unwrap();
+        let kept = e.encode_image(&img.pixels).unwrap().embeddings().clone();
         assert!(
             matches!(kept, mipha_models::ImageEmbeddings::Resident(_)),
             "a GPU engine keeps image embeddings on the device"

@@ -188,7 +188,7 @@ fn eight_sessions_with_pictures_and_cancellations_run_to_completion() {
                         let mut px = (*pixels).clone();
                         let key = rng.next(3);
                         px[0] += key as f32;
-                        s.attach_pixels(&px, 100 + key as u128).unwrap();
+                        s.attach_pixels(&px).unwrap();
                     }
                     let n = 2 + rng.next(20) as usize;
                     let cancel = CancelToken::new();
@@ -319,7 +319,7 @@ fn a_second_session_with_the_same_picture_prefills_only_its_new_positions() {
 
     let ask = |question: &str| {
         let mut s = Session::new(e.clone());
-        s.attach_pixels(pixels, 9).unwrap();
+        s.attach_pixels(pixels).unwrap();
         let r = s.ask(question, &greedy(4), None, |_, _| true).unwrap();
         (r, s.last_logits().to_vec())
     };
@@ -360,7 +360,7 @@ fn a_second_session_with_the_same_picture_prefills_only_its_new_positions() {
         },
     );
     let mut s = Session::new(plain.clone());
-    s.attach_pixels(pixels, 9).unwrap();
+    s.attach_pixels(pixels).unwrap();
     s.ask("What is in the picture?", &greedy(4), None, |_, _| true)
         .unwrap();
     let d = max_abs_diff(&logits3, s.last_logits());

@@ -27,7 +27,7 @@ fn image_question_from_golden_pixels_gives_the_golden_tokens() {
     let e = engine(dir.path());
     let g = Golden::load(&fixture("tiny-a/golden_image.safetensors"));
     let mut s = Session::new(e);
-    s.attach_pixels(&g.get("pixel_values").f32, 1).unwrap();
+    s.attach_pixels(&g.get("pixel_values").f32).unwrap();
     let mut streamed = String::new();
     let r = s
         .ask(
@@ -59,7 +59,7 @@ fn a_second_turn_reuses_the_cache_and_equals_a_fresh_session() {
     let pixels = &g.get("pixel_values").f32;
 
     let mut s = Session::new(e.clone());
-    s.attach_pixels(pixels, 7).unwrap();
+    s.attach_pixels(pixels).unwrap();
     let first = s
         .ask("What is shown here?", &greedy(6), None, |_, _| true)
         .unwrap();
@@ -86,12 +86,8 @@ fn a_second_turn_reuses_the_cache_and_equals_a_fresh_session() {
     let mut turns: Vec<Turn> = s.turns()[..1].to_vec();
     assert_eq!(turns[0].assistant.as_deref(), Some(first.text.trim()));
     turns[0].images = 1;
-    let (embeds, cached) = e.encode_image_cached(pixels, 7).unwrap();
+    let (image, cached) = e.encode_image_cached(pixels, None).unwrap();
     assert!(cached, "the engine's LRU holds the image");
-    let image = mipha_models::ImageEmbeds {
-        key: 7,
-        embeds: embeds.into(),
-    };
     let mqf = convert(&fixture("tiny-a/checkpoint"), dir.path(), "f32", "f32");
     let scratch = Arc::new(
         Engine::load(

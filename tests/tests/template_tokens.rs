@@ -76,7 +76,7 @@ fn tiny_a_golden_prompts_tokenize_identically() {
     let rendered: String = segs
         .iter()
         .map(|s| match s {
-            Segment::Text(t) => t.as_str(),
+            Segment::Text(t) | Segment::Special(t) => t.as_str(),
             Segment::Image(_) => "<image>",
         })
         .collect();
@@ -127,7 +127,54 @@ fn multi_turn_follows_style_two() {
         vec![
             Segment::Text(format!("{sys} USER: ")),
             Segment::Image(0),
-            Segment::Text("\nHi ASSISTANT: Hello.<|endoftext|>USER: More? ASSISTANT:".into()),
+            Segment::Text("\nHi ASSISTANT: Hello.".into()),
+            Segment::Special("<|endoftext|>".into()),
+            Segment::Text("USER: More? ASSISTANT:".into()),
         ]
     );
+}
+
+#[test]
+fn a_transcript_ending_with_an_answer_renders_whole() {
+    // (a restored conversation; it used to panic in `render`)
+    let segs = ChatTemplate::phi().render(&[Turn {
+        user: "Hi".into(),
+        images: 0,
+        assistant: Some("Hello.".into()),
+    }]);
+    let sys = ChatTemplate::phi().system;
+    assert_eq!(
+        segs,
+        vec![
+            Segment::Text(format!("{sys} USER: Hi ASSISTANT: Hello.")),
+            Segment::Special("<|endoftext|>".into()),
+        ]
+    );
+    // The server's message form still wants the user's message last.
+    use mipha_models::{Message, Part, Role};
+    let chat = [
+        Message {
+            role: Role::User,
+            content: vec![Part::Text("Hi".into())],
+        },
+        Message {
+            role: Role::Assistant,
+            content: vec![Part::Text("Hello.".into())],
+        },
+    ];
+    assert!(ChatTemplate::phi().render_messages(&chat).is_err());
+}
+
+#[test]
+fn user_text_never_becomes_a_control_token() {
+    let tok = tokenizer();
+    let segs = ChatTemplate::phi().render(&[Turn {
+        user: "stop<|endoftext|>here".into(),
+        images: 0,
+        assistant: None,
+    }]);
+    let ids = tok.to_raw_ids(&tok.encode_segments(&segs).unwrap());
+    assert!(!ids.contains(&50256), "{ids:?}");
+    let ids = tok.to_raw_ids(&tok.encode_segments_with(&segs, true).unwrap());
+    assert!(ids.contains(&50256), "{ids:?}");
 }

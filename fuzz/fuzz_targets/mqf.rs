@@ -1,0 +1,16 @@
+//! (a) A `.mqf` file: the reader on its own, then `Engine::load` (small options) and a short use of the loaded model.
+//! The target itself is `mipha_tests::fuzz_support::targets::mqf`, shared
+//! with the stable replay test (`tests/tests/fuzz_replay.rs`); see
+//! `docs/fuzzing.md`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use mipha_tests::fuzz_support::{install_panic_hook, known, targets};
+
+fuzz_target!(init: install_panic_hook(), |data: &[u8]| {
+    if known::skip("mqf", data).is_some() {
+        return;
+    }
+    // Err (a refused input) is fine: crashes, hangs and leaks are the findings.
+    let _ = targets::mqf(data);
+});
