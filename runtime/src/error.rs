@@ -70,6 +70,10 @@ pub enum Error {
     },
     #[error("context overflow: {tokens} positions requested, the model's context holds {max}")]
     ContextOverflow { tokens: usize, max: usize },
+    /// What a load would hold exceeds the memory budget (checked before
+    /// anything is allocated).
+    #[error("not enough memory: {0}")]
+    OutOfMemory(String),
     /// Text too long for the context whatever it tokenizes to (checked
     /// before tokenizing it).
     #[error(

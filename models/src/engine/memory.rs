@@ -44,7 +44,7 @@ impl MemoryNeed {
         if total <= limit {
             return Ok(());
         }
-        Err(Error::Config(format!(
+        Err(Error::OutOfMemory(format!(
             "the engine needs {} (weights {}, activations {}, KV cache {}, thread stacks {}), \
              more than the {} {source}; lower --kv-cache-mb, max_batch_tokens or --threads, \
              or raise --max-memory",
