@@ -134,6 +134,16 @@ impl Capture for Recorder {
 }
 
 /// Converts a fixture checkpoint to `.mqf` in `dir` with the given quant types.
+/// Greedy decoding of exactly `n` tokens (past any `<|endoftext|>`): answers
+/// of a fixed length, to compare runs.
+pub fn greedy(n: usize) -> mipha_models::GenerateOptions {
+    mipha_models::GenerateOptions {
+        max_tokens: n,
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
 pub fn convert(checkpoint: &Path, dir: &Path, quant: &str, vision_quant: &str) -> PathBuf {
     let out = dir.join(format!("model-{quant}-{vision_quant}.mqf"));
     let status = mipha_convert_run(checkpoint, &out, quant, vision_quant);

@@ -8,19 +8,11 @@
 
 use std::sync::Arc;
 
-use mipha_models::{Engine, EngineOptions, GenerateOptions, GenerateRequest, PromptItem};
+use mipha_models::{Engine, EngineOptions, GenerateRequest, PromptItem};
 use mipha_runtime::fault::{poison_token, Fault};
 use mipha_tests::*;
 
 const POISON: u32 = 31337;
-
-fn greedy(n: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_tokens: n,
-        ignore_eos: true,
-        ..Default::default()
-    }
-}
 
 fn request(prompt: &[u32]) -> GenerateRequest {
     GenerateRequest {

@@ -48,14 +48,6 @@ fn load_err(path: &Path, o: EngineOptions) -> String {
     }
 }
 
-fn greedy(n: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_tokens: n,
-        ignore_eos: true,
-        ..Default::default()
-    }
-}
-
 #[test]
 fn metadata_values_past_their_bounds_are_refused_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mipha_models::{
-    CancelToken, Engine, EngineOptions, GenerateOptions, GenerateRequest, ImageLimits, KvCacheSize,
-    PromptItem, Session, StopReason,
+    CancelToken, Engine, EngineOptions, GenerateRequest, ImageLimits, KvCacheSize, PromptItem,
+    Session, StopReason,
 };
 use mipha_runtime::Error;
 use mipha_tests::*;
@@ -29,14 +29,6 @@ impl Rng {
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0 % n.max(1)
-    }
-}
-
-fn greedy(n: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_tokens: n,
-        ignore_eos: true,
-        ..Default::default()
     }
 }
 
