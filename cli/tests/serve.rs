@@ -105,7 +105,9 @@ impl Server {
         if let Some(k) = key {
             req = req.header("Authorization", &format!("Bearer {k}"));
         }
-        let mut r = req.send(body).unwrap();
+        let mut r = req
+            .send(body)
+            .unwrap_or_else(|e| panic!("POST {path} ({} bytes): {e}", body.len()));
         let status = r.status().as_u16();
         let retry = r
             .headers()
@@ -124,14 +126,18 @@ impl Server {
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
-    /// A streamed answer, read to its end: the content and every chunk.
-    fn stream(&self, body: &Value) -> (String, Vec<Value>) {
-        let mut r = self
-            .agent
+    /// `POST /v1/chat/completions` with `body`, the answer not read yet.
+    fn post_chat(&self, body: &Value) -> ureq::http::Response<ureq::Body> {
+        self.agent
             .post(&self.url("/v1/chat/completions"))
             .header("Content-Type", "application/json")
             .send(body.to_string().as_bytes())
-            .unwrap();
+            .unwrap()
+    }
+
+    /// A streamed answer, read to its end: the content and every chunk.
+    fn stream(&self, body: &Value) -> (String, Vec<Value>) {
+        let mut r = self.post_chat(body);
         assert_eq!(r.status().as_u16(), 200);
         let ct = r
             .headers()
@@ -326,12 +332,7 @@ fn a_client_that_disconnects_mid_stream_frees_its_kv() {
     let mut body = greedy(user("Talk for a long time."), 1500);
     body["stream"] = json!(true);
     {
-        let mut r = s
-            .agent
-            .post(&s.url("/v1/chat/completions"))
-            .header("Content-Type", "application/json")
-            .send(body.to_string().as_bytes())
-            .unwrap();
+        let mut r = s.post_chat(&body);
         let mut reader = BufReader::new(r.body_mut().as_reader());
         let mut line = String::new();
         for _ in 0..6 {
@@ -487,12 +488,7 @@ fn a_full_queue_is_503_with_retry_after_and_a_late_request_times_out() {
     // stream window, holding its slot).
     let mut body = greedy(user("Talk."), 1500);
     body["stream"] = json!(true);
-    let mut held = s
-        .agent
-        .post(&s.url("/v1/chat/completions"))
-        .header("Content-Type", "application/json")
-        .send(body.to_string().as_bytes())
-        .unwrap();
+    let mut held = s.post_chat(&body);
     let mut first = String::new();
     BufReader::new(held.body_mut().as_reader())
         .read_line(&mut first)
@@ -580,12 +576,7 @@ fn ready_only_once_loaded_and_shutdown_lets_a_request_finish() {
     // with [DONE], then the process exits.
     let mut body = greedy(user("A long one."), 400);
     body["stream"] = json!(true);
-    let mut r = s
-        .agent
-        .post(&s.url("/v1/chat/completions"))
-        .header("Content-Type", "application/json")
-        .send(body.to_string().as_bytes())
-        .unwrap();
+    let mut r = s.post_chat(&body);
     let mut reader = BufReader::new(r.body_mut().as_reader());
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();

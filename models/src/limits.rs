@@ -122,10 +122,10 @@ pub(crate) fn check_layers(file: &MqfFile, key: &str, prefix: &str, n: usize) ->
 /// Checks that `name` is a tensor of shape `want` (outermost first), naming the
 /// metadata keys its dimensions come from when it is not.
 pub(crate) fn check_shape(file: &MqfFile, name: &str, want: &[usize], keys: &str) -> Result<()> {
-    let info = file.tensors().iter().find(|t| t.name == name);
-    let Some(info) = info else {
+    let Ok(t) = file.tensor(name) else {
         return Err(Error::Config(format!("the file has no tensor `{name}`")));
     };
+    let info = t.info;
     let shape: Vec<u64> = want.iter().map(|&d| d as u64).collect();
     if info.shape != shape {
         return Err(Error::Config(format!(

@@ -77,15 +77,10 @@ fn activation_bytes(plan: &Plan) -> Result<u64> {
 /// Bytes of the plan's weights in the file (missing ones count nothing: binding
 /// names them).
 fn weight_bytes(plan: &Plan, file: &MqfFile) -> u64 {
-    let by_name: std::collections::HashMap<&str, u64> = file
-        .tensors()
-        .iter()
-        .map(|t| (t.name.as_str(), t.len))
-        .collect();
     plan.weights
         .iter()
-        .filter_map(|w| by_name.get(w.name.as_str()))
-        .fold(0u64, |a, &b| a.saturating_add(b))
+        .filter_map(|w| file.tensor(&w.name).ok())
+        .fold(0u64, |a, t| a.saturating_add(t.info.len))
 }
 
 /// Stack bytes a compute thread reserves (rayon's default).

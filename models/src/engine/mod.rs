@@ -616,6 +616,7 @@ impl Engine {
         pixels: &[f32],
         capture: Option<&mut (dyn Capture + '_)>,
     ) -> Result<Vec<f32>> {
+        self.check_pixels(pixels)?;
         let e = self.encode(pixels, None, false, capture.is_some(), None)?;
         if let (Some(c), Some(t)) = (capture, &e.taps) {
             t.replay(c);
@@ -679,7 +680,8 @@ impl Engine {
         capture: bool,
         cancel: Option<&CancelToken>,
     ) -> Result<vision::Encoded> {
-        self.check_pixels(pixels)?;
+        // (callers have checked the pixels: a wrong buffer is neither hashed
+        // nor counted as a cache miss)
         let (tx, rx) = mpsc::sync_channel(1);
         let job = EncodeJob {
             pixels: pixels.to_vec(),
