@@ -1,7 +1,9 @@
 //! Run-time dispatch: the level follows the CPU and `MIPHA_CPU`, so CI can run
 //! the whole suite once per level on one machine (`.ci/run` does).
 
-use mipha_kernels::cpu::dispatch::{available, best_up_to, level, Level};
+use mipha_kernels::cpu::dispatch::{
+    available, best_up_to, cpu, level, tuning, tuning_for, Cpu, Level, Vendor,
+};
 
 #[test]
 fn the_level_follows_the_cpu_and_the_override() {
@@ -15,11 +17,12 @@ fn the_level_follows_the_cpu_and_the_override() {
     // One line for scripts (`.ci/run` skips, and says so, the levels not here).
     let names: Vec<&str> = available().iter().map(|l| l.name()).collect();
     eprintln!("available levels: {}", names.join(" "));
+    eprintln!("cpu: {}; tuning: {}", cpu().describe(), tuning().describe());
     assert!(got.is_supported());
     let cap = forced
         .as_deref()
         .and_then(Level::from_name)
-        .unwrap_or(Level::Avx512Vnni);
+        .unwrap_or(Level::TOP);
     assert_eq!(got, best_up_to(cap));
     assert!(got <= cap);
 }
@@ -38,5 +41,79 @@ fn levels_are_ordered_and_named() {
             assert!(std::arch::is_x86_feature_detected!("avx2"));
             assert!(std::arch::is_x86_feature_detected!("fma"));
         }
+    }
+}
+
+#[test]
+fn the_cpu_is_identified() {
+    let c = cpu();
+    assert!(!c.brand.is_empty());
+    #[cfg(target_arch = "x86_64")]
+    {
+        // /proc/cpuinfo says the same where there is one.
+        if let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") {
+            let field = |name: &str| {
+                info.lines()
+                    .find(|l| l.split(':').next().map(str::trim) == Some(name))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|v| v.trim().to_string())
+            };
+            if let Some(f) = field("cpu family") {
+                assert_eq!(f.parse::<u32>().ok(), Some(c.family), "{}", c.describe());
+            }
+            if let Some(m) = field("model") {
+                assert_eq!(m.parse::<u32>().ok(), Some(c.model), "{}", c.describe());
+            }
+            if let Some(v) = field("vendor_id") {
+                let want = match v.as_str() {
+                    "GenuineIntel" => Vendor::Intel,
+                    "AuthenticAMD" => Vendor::Amd,
+                    _ => Vendor::Other,
+                };
+                assert_eq!(want, c.vendor);
+            }
+        }
+    }
+}
+
+fn a_cpu(vendor: Vendor, family: u32, model: u32) -> Cpu {
+    Cpu {
+        vendor,
+        family,
+        model,
+        brand: "test".into(),
+    }
+}
+
+#[test]
+fn each_cpu_kind_gets_its_row_of_the_tuning_table() {
+    // Zen 4 (EPYC 9004: family 0x19, model 0x11), Zen 5, Emerald Rapids, other.
+    assert_eq!(tuning_for(&a_cpu(Vendor::Amd, 0x19, 0x11)).name, "amd-zen");
+    assert_eq!(tuning_for(&a_cpu(Vendor::Amd, 0x1a, 0x02)).name, "amd-zen");
+    assert_eq!(
+        tuning_for(&a_cpu(Vendor::Intel, 6, 0xcf)).name,
+        "intel-family6"
+    );
+    assert_eq!(tuning_for(&a_cpu(Vendor::Amd, 0x17, 0x31)).name, "generic");
+    assert_eq!(tuning_for(&a_cpu(Vendor::Other, 0, 0)).name, "generic");
+}
+
+#[test]
+fn tuning_overrides_are_checked() {
+    let mut t = tuning_for(&a_cpu(Vendor::Intel, 6, 0xcf));
+    t.apply("weight_prefetch=2048").unwrap();
+    assert_eq!(t.weight_prefetch, 2048);
+    assert!(t.name.ends_with("+env"));
+    assert!(t.describe().contains("weight_prefetch=2048"));
+    for bad in [
+        "weight_prefetch",
+        "weight_prefetch=-1",
+        "weight_prefetch=1e9",
+        "prefetch=4096",
+    ] {
+        let err = tuning_for(&a_cpu(Vendor::Intel, 6, 0xcf))
+            .apply(bad)
+            .unwrap_err();
+        assert!(err.contains(bad.split('=').next().unwrap()), "{bad}: {err}");
     }
 }

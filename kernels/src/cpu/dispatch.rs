@@ -1,15 +1,24 @@
-//! Which instruction set the CPU kernels use, detected once at run time (never
-//! fixed at compile time, so one binary runs on every x86-64 and fast where it
-//! can). `MIPHA_CPU=<level>` lowers it, so tests and users can run every path the
-//! machine has: each kernel also takes a level explicitly, and the tests loop over
-//! [`available`] against the scalar reference.
+//! What the CPU kernels run on, decided once at run time (never fixed at compile
+//! time, so one binary runs on every x86-64 and fast where it can):
+//!
+//! - the instruction-set [`Level`], lowered by `MIPHA_CPU=<level>` so tests and
+//!   users can run every path the machine has (each kernel also takes a level
+//!   explicitly, and the tests loop over [`available`] against the scalar
+//!   reference);
+//! - the [`Cpu`] itself (vendor, family, model, brand string), from CPUID;
+//! - the per-CPU [`Tuning`]: choices that are not about instructions (how far
+//!   ahead a weight stream prefetches, ...), one row of one table per CPU
+//!   kind, overridable by `MIPHA_TUNING=key=value,...` so a new machine can be
+//!   tuned with the benchmarks without a rebuild.
 
 use std::sync::OnceLock;
 
 /// Kernel paths, from the baseline up. Every level above `Portable` implies
 /// AVX2 + FMA + F16C; the int8 kernels differ in how they do the 4-byte dot:
 /// `maddubs` + `madd` on 256 (`Avx2`) or 512 bits (`Avx512`), `vpdpbusd` on 256
-/// (`AvxVnni`) or 512 bits (`Avx512Vnni`).
+/// (`AvxVnni`) or 512 bits (`Avx512Vnni`, `Avx512Bf16`). `Avx512Bf16` adds
+/// `vdpbf16ps` for BF16 weights (AMD Zen 4 and later, Intel Cooper Lake,
+/// Sapphire Rapids and later).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Level {
     /// what the build targets (SSE2 on x86-64, NEON on aarch64), through `wide`
@@ -22,16 +31,22 @@ pub enum Level {
     Avx512,
     /// AVX-512 F/BW/VL/DQ + VNNI (512-bit `vpdpbusd`)
     Avx512Vnni,
+    /// AVX-512 F/BW/VL/DQ + VNNI + BF16 (`vdpbf16ps`)
+    Avx512Bf16,
 }
 
 impl Level {
-    pub const ALL: [Level; 5] = [
+    pub const ALL: [Level; 6] = [
         Level::Portable,
         Level::Avx2,
         Level::AvxVnni,
         Level::Avx512,
         Level::Avx512Vnni,
+        Level::Avx512Bf16,
     ];
+
+    /// The highest level there is (what an unset `MIPHA_CPU` caps at).
+    pub const TOP: Level = Level::Avx512Bf16;
 
     pub fn name(self) -> &'static str {
         match self {
@@ -40,6 +55,7 @@ impl Level {
             Level::AvxVnni => "avxvnni",
             Level::Avx512 => "avx512",
             Level::Avx512Vnni => "avx512vnni",
+            Level::Avx512Bf16 => "avx512bf16",
         }
     }
 
@@ -61,12 +77,21 @@ impl Level {
                 Level::AvxVnni => avx2 && has!("avxvnni"),
                 Level::Avx512 => avx512,
                 Level::Avx512Vnni => avx512 && has!("avx512vnni"),
+                Level::Avx512Bf16 => avx512 && has!("avx512vnni") && has!("avx512bf16"),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
             self == Level::Portable
         }
+    }
+
+    /// Whether BF16 weights multiply with `vdpbf16ps` here: activations rounded
+    /// to BF16, products summed in f32 pairs (see
+    /// [`crate::reference::matmul_bf16_dot`]). Below it, BF16 weights widen to
+    /// f32 and multiply f32 activations exactly.
+    pub fn bf16_dot(self) -> bool {
+        self >= Level::Avx512Bf16
     }
 }
 
@@ -88,20 +113,244 @@ pub fn best_up_to(cap: Level) -> Level {
 }
 
 /// The level in use: the CPU's best, lowered by `MIPHA_CPU` (`portable`, `avx2`,
-/// `avxvnni`, `avx512`, `avx512vnni`). An unknown name is ignored with a warning.
+/// `avxvnni`, `avx512`, `avx512vnni`, `avx512bf16`). An unknown name is ignored
+/// with a warning.
 pub fn level() -> Level {
     static LEVEL: OnceLock<Level> = OnceLock::new();
     *LEVEL.get_or_init(|| match std::env::var("MIPHA_CPU").ok().as_deref() {
-        None | Some("") => best_up_to(Level::Avx512Vnni),
+        None | Some("") => best_up_to(Level::TOP),
         Some(name) => match Level::from_name(name) {
             Some(cap) => best_up_to(cap),
             None => {
+                let names: Vec<&str> = Level::ALL.iter().map(|l| l.name()).collect();
                 eprintln!(
-                    "warning: MIPHA_CPU={name} is not one of portable, avx2, avxvnni, avx512, \
-                     avx512vnni; using the CPU's best"
+                    "warning: MIPHA_CPU={name} is not one of {}; using the CPU's best",
+                    names.join(", ")
                 );
-                best_up_to(Level::Avx512Vnni)
+                best_up_to(Level::TOP)
             }
         },
+    })
+}
+
+/// Who made the CPU, as CPUID says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vendor {
+    Intel,
+    Amd,
+    Other,
+}
+
+/// The CPU the kernels run on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cpu {
+    pub vendor: Vendor,
+    /// display family (base family, plus the extended family when the base is 0xF)
+    pub family: u32,
+    /// display model (with the extended model bits for families 6 and 0xF+)
+    pub model: u32,
+    /// the brand string, e.g. "AMD EPYC 9R14 96-Core Processor"
+    pub brand: String,
+}
+
+impl Cpu {
+    /// One line for logs and benchmark rows: brand, vendor, family and model.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:?} family {:#x} model {:#x})",
+            self.brand, self.vendor, self.family, self.model
+        )
+    }
+}
+
+/// This machine's CPU, read once.
+pub fn cpu() -> &'static Cpu {
+    static CPU: OnceLock<Cpu> = OnceLock::new();
+    CPU.get_or_init(read_cpu)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn read_cpu() -> Cpu {
+    use std::arch::x86_64::__cpuid;
+    // SAFETY: CPUID exists on every x86-64 CPU; leaves above the maximum the
+    // CPU reports are not asked for.
+    let leaf0 = __cpuid(0);
+    let id: Vec<u8> = [leaf0.ebx, leaf0.edx, leaf0.ecx]
+        .iter()
+        .flat_map(|r| r.to_le_bytes())
+        .collect();
+    let vendor = match &id[..] {
+        b"GenuineIntel" => Vendor::Intel,
+        b"AuthenticAMD" => Vendor::Amd,
+        _ => Vendor::Other,
+    };
+    let (mut family, mut model) = (0, 0);
+    if leaf0.eax >= 1 {
+        let eax = __cpuid(1).eax;
+        let base_family = (eax >> 8) & 0xf;
+        let base_model = (eax >> 4) & 0xf;
+        family = base_family;
+        model = base_model;
+        if base_family == 0xf {
+            family += (eax >> 20) & 0xff;
+        }
+        if base_family == 0x6 || base_family == 0xf {
+            model += ((eax >> 16) & 0xf) << 4;
+        }
+    }
+    let ext = __cpuid(0x8000_0000).eax;
+    let brand = if ext >= 0x8000_0004 {
+        let bytes: Vec<u8> = (0x8000_0002u32..=0x8000_0004)
+            .flat_map(|leaf| {
+                let r = __cpuid(leaf);
+                [r.eax, r.ebx, r.ecx, r.edx]
+            })
+            .flat_map(|r| r.to_le_bytes())
+            .take_while(|&b| b != 0)
+            .collect();
+        String::from_utf8_lossy(&bytes).trim().to_string()
+    } else {
+        String::new()
+    };
+    Cpu {
+        vendor,
+        family,
+        model,
+        brand: if brand.is_empty() {
+            "unknown x86-64".to_string()
+        } else {
+            brand
+        },
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn read_cpu() -> Cpu {
+    Cpu {
+        vendor: Vendor::Other,
+        family: 0,
+        model: 0,
+        brand: std::env::consts::ARCH.to_string(),
+    }
+}
+
+/// Per-CPU choices of the kernels that are not about instructions. One row of
+/// [`TABLE`] per CPU kind; every field can be overridden at run time
+/// (`MIPHA_TUNING=weight_prefetch=2048`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// which row of the table (plus `+env` when `MIPHA_TUNING` changed it)
+    pub name: String,
+    /// Bytes ahead of the read position that a streaming weight sweep (decode,
+    /// one to a dozen rows) asks for with a software prefetch; 0: none, the
+    /// hardware prefetchers alone.
+    pub weight_prefetch: usize,
+}
+
+impl Tuning {
+    /// `name: key=value ...`, for logs and benchmark rows.
+    pub fn describe(&self) -> String {
+        format!("{}: weight_prefetch={}", self.name, self.weight_prefetch)
+    }
+
+    /// Applies `key=value` pairs (comma-separated); the first unknown key or
+    /// bad value is an error naming it.
+    pub fn apply(&mut self, spec: &str) -> Result<(), String> {
+        for pair in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("`{pair}` is not key=value"))?;
+            let number = |max: usize| -> Result<usize, String> {
+                value
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|v| *v <= max)
+                    .ok_or_else(|| format!("{key}={value}: expected an integer 0..={max}"))
+            };
+            match key.trim() {
+                "weight_prefetch" => self.weight_prefetch = number(1 << 16)?,
+                other => {
+                    return Err(format!(
+                        "unknown tuning key `{other}` (known: weight_prefetch)"
+                    ))
+                }
+            }
+        }
+        self.name.push_str("+env");
+        Ok(())
+    }
+}
+
+/// Which CPUs a [`TABLE`] row is for.
+struct Kind {
+    vendor: Vendor,
+    /// display families, inclusive
+    families: (u32, u32),
+}
+
+/// Rows are tried in order; the last matches everything. Each value says where
+/// it was measured: a row for a CPU kind no one has measured copies the generic
+/// values and says so, rather than guessing.
+const TABLE: &[(&str, Kind, usize)] = &[
+    // Xeon (Emerald Rapids VM, 2 vCPUs): 4 KiB ahead took F16 decode from 2.5
+    // to 3.2 tok/s; 2 and 8 KiB did less.
+    (
+        "intel-family6",
+        Kind {
+            vendor: Vendor::Intel,
+            families: (6, 6),
+        },
+        4096,
+    ),
+    // Zen 3/4/5 (families 0x19, 0x1a): not yet measured on the machine; the
+    // generic distance until `MIPHA_TUNING` sweeps on one say otherwise.
+    (
+        "amd-zen",
+        Kind {
+            vendor: Vendor::Amd,
+            families: (0x19, 0x1a),
+        },
+        4096,
+    ),
+    (
+        "generic",
+        Kind {
+            vendor: Vendor::Other,
+            families: (0, u32::MAX),
+        },
+        4096,
+    ),
+];
+
+/// The table's row for `cpu`.
+pub fn tuning_for(cpu: &Cpu) -> Tuning {
+    let (name, _, weight_prefetch) = TABLE
+        .iter()
+        .find(|(_, k, _)| {
+            (k.vendor == Vendor::Other || k.vendor == cpu.vendor)
+                && (k.families.0..=k.families.1).contains(&cpu.family)
+        })
+        .expect("the last row matches every CPU");
+    Tuning {
+        name: name.to_string(),
+        weight_prefetch: *weight_prefetch,
+    }
+}
+
+/// The tuning in use: this CPU's row, with `MIPHA_TUNING` applied (a bad
+/// override is ignored with a warning naming it).
+pub fn tuning() -> &'static Tuning {
+    static TUNING: OnceLock<Tuning> = OnceLock::new();
+    TUNING.get_or_init(|| {
+        let mut t = tuning_for(cpu());
+        if let Ok(spec) = std::env::var("MIPHA_TUNING") {
+            let mut changed = t.clone();
+            match changed.apply(&spec) {
+                Ok(()) => t = changed,
+                Err(e) => eprintln!("warning: MIPHA_TUNING ignored: {e}"),
+            }
+        }
+        t
     })
 }

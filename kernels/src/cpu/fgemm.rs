@@ -7,7 +7,7 @@
 //! activation rows of a chunk stay in L2.
 
 use super::dispatch::Level;
-use super::qgemm::{write_tile, OutPtr, PackedMatrix, PANEL, PREFETCH};
+use super::qgemm::{write_tile, OutPtr, PackedMatrix, PANEL};
 use crate::{Epilogue, QuantType};
 
 /// Activation rows per cache chunk.
@@ -38,6 +38,8 @@ pub(super) fn pack(w: &crate::WeightView, dst: &mut [u8]) {
 
 pub(super) struct FJob<'a> {
     pub w: &'a PackedMatrix,
+    /// bytes ahead decode prefetches ([`super::dispatch::Tuning`]; 0: none)
+    pub prefetch: usize,
     pub x: &'a [f32],
     pub m: usize,
     pub bias: Option<&'a [f32]>,
@@ -51,10 +53,10 @@ impl FJob<'_> {
         let bf = self.w.ty() == QuantType::BF16;
         #[cfg(target_arch = "x86_64")]
         match (level, bf) {
-            (Level::Avx512 | Level::Avx512Vnni, false) => {
+            (Level::Avx512 | Level::Avx512Vnni | Level::Avx512Bf16, false) => {
                 return x86::run_avx512::<false>(self, p0, p1)
             }
-            (Level::Avx512 | Level::Avx512Vnni, true) => {
+            (Level::Avx512 | Level::Avx512Vnni | Level::Avx512Bf16, true) => {
                 return x86::run_avx512::<true>(self, p0, p1)
             }
             (Level::Avx2 | Level::AvxVnni, false) => return x86::run_avx2::<false>(self, p0, p1),
@@ -166,10 +168,10 @@ unsafe fn tile_f<I: FIsa, const M: usize>(
     let mut odd = [I::zero(); M];
     let mut kk = k0;
     while kk + 2 <= k1 {
-        if M <= 2 {
+        if M <= 2 && job.prefetch > 0 {
             // Decode streams each panel once from memory: ask for the line
-            // `PREFETCH` bytes ahead so the loads find it in cache.
-            I::prefetch(panel.add(kk * PANEL * 2 + PREFETCH));
+            // `job.prefetch` bytes ahead so the loads find it in cache.
+            I::prefetch(panel.add(kk * PANEL * 2 + job.prefetch));
         }
         let w0 = I::weights(panel.add(kk * PANEL * 2));
         let w1 = I::weights(panel.add((kk + 1) * PANEL * 2));

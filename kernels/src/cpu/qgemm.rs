@@ -29,11 +29,6 @@ use crate::{Epilogue, QuantType, WeightView, QK};
 
 /// Weight rows per panel.
 pub const PANEL: usize = 16;
-/// How far ahead (bytes) decode's tiles ask for panel data: the hardware
-/// prefetcher alone leaves a core's stream well below the memory bandwidth
-/// (measured on the 2-vCPU Xeon: F16 decode 2.5 -> 3.2 tok/s at 4 KiB; 2 and
-/// 8 KiB did less).
-pub(super) const PREFETCH: usize = 4096;
 /// Activation rows per cache chunk.
 const MC: usize = 64;
 
@@ -314,7 +309,9 @@ pub(crate) fn layer_norm_quantize(
 /// where `level` has one.
 pub(super) fn block_quantizer(level: Level) -> fn(&[f32; QK], &mut [i8; QK]) -> (f32, i32) {
     #[cfg(target_arch = "x86_64")]
-    if matches!(level, Level::Avx512 | Level::Avx512Vnni) && level.is_supported() {
+    if matches!(level, Level::Avx512 | Level::Avx512Vnni | Level::Avx512Bf16)
+        && level.is_supported()
+    {
         return |x, q| {
             // SAFETY: the level's features are present.
             unsafe { x86::quantize_act_block_avx512(x, q) }
@@ -365,6 +362,7 @@ pub(crate) fn matmul_packed(
     if matches!(w.ty, QuantType::F16 | QuantType::BF16) {
         let job = super::fgemm::FJob {
             w,
+            prefetch: super::dispatch::tuning().weight_prefetch,
             x,
             m,
             bias,
@@ -414,6 +412,7 @@ pub(crate) fn matmul_quantized(
     });
     let job = Job {
         w,
+        prefetch: super::dispatch::tuning().weight_prefetch,
         acts,
         m,
         bias,
@@ -484,6 +483,8 @@ fn over_panels(panels: usize, tasks: usize, run: impl Fn(usize, usize) + Sync) {
 
 struct Job<'a> {
     w: &'a PackedMatrix,
+    /// bytes ahead a streaming tile prefetches ([`super::dispatch::Tuning`]; 0: none)
+    prefetch: usize,
     acts: &'a QuantizedActs,
     m: usize,
     bias: Option<&'a [f32]>,
@@ -546,7 +547,7 @@ pub(super) unsafe fn write_tile(
 /// (u8 x s8 pairs would saturate 16 bits) and restore the sign first.
 fn int8_shape(level: Level) -> (usize, bool) {
     match level {
-        Level::Avx512Vnni => (x86::ZMM_MR, true),
+        Level::Avx512Vnni | Level::Avx512Bf16 => (x86::ZMM_MR, true),
         Level::Avx512 => (x86::ZMM_MR, false),
         Level::AvxVnni => (2, true),
         Level::Avx2 => (2, false),
@@ -558,7 +559,7 @@ impl Job<'_> {
     unsafe fn run(&self, level: Level, p0: usize, p1: usize) {
         #[cfg(target_arch = "x86_64")]
         match level {
-            Level::Avx512Vnni => return x86::run_avx512vnni(self, p0, p1),
+            Level::Avx512Vnni | Level::Avx512Bf16 => return x86::run_avx512vnni(self, p0, p1),
             Level::Avx512 => return x86::run_avx512(self, p0, p1),
             Level::AvxVnni => return x86::run_avxvnni(self, p0, p1),
             Level::Avx2 => return x86::run_avx2(self, p0, p1),
@@ -607,15 +608,16 @@ trait Isa {
 }
 
 /// Decode's tiles (up to 12 rows: a batched decode step) stream their panel
-/// once: fetch the block `PREFETCH` bytes ahead, one hint per cache line.
+/// once: fetch the block `dist` bytes ahead (the CPU's
+/// [`super::dispatch::Tuning::weight_prefetch`]), one hint per cache line.
 /// Without it, 4-, 8- and 12-row steps ran 15-40% slower on a model-sized
 /// weight set (`examples/batch_decode_speed`); with more rows than one tile,
 /// the panel is read again from cache for the later tiles.
 #[inline(always)]
-unsafe fn prefetch_block<I: Isa, const M: usize>(blk: *const u8, bb: usize) {
-    if M <= 12 {
+unsafe fn prefetch_block<I: Isa, const M: usize>(blk: *const u8, bb: usize, dist: usize) {
+    if M <= 12 && dist > 0 {
         for off in (0..bb).step_by(64) {
-            I::prefetch(blk.add(PREFETCH + off));
+            I::prefetch(blk.add(dist + off));
         }
     }
 }
@@ -690,7 +692,7 @@ unsafe fn tile_q4<I: Isa, const M: usize>(
     let (mut xq, mut xd, mut xi) = group_ptrs(a, grp);
     let mut facc = [I::fzero(); M];
     for _ in 0..a.nb {
-        prefetch_block::<I, M>(blk, bb);
+        prefetch_block::<I, M>(blk, bb, job.prefetch);
         let mut acc: [I::I; M] = std::array::from_fn(|i| I::bcast_i32(xi.add(i)));
         let mut acc2 = [I::izero(); M];
         for c in 0..4 {
@@ -738,7 +740,7 @@ unsafe fn tile_q8<I: Isa, const M: usize>(
     let (mut xq, mut xd, mut xi) = group_ptrs(a, grp);
     let mut facc = [I::fzero(); M];
     for _ in 0..a.nb {
-        prefetch_block::<I, M>(blk, bb);
+        prefetch_block::<I, M>(blk, bb, job.prefetch);
         let mut acc: [I::I; M] = std::array::from_fn(|i| I::bcast_i32(xi.add(i)));
         let mut acc2 = [I::izero(); M];
         for c in (0..8).step_by(2) {
