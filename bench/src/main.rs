@@ -281,10 +281,17 @@ impl Figure {
         })
     }
 
+    /// One JSON line; every row names the machine and the kernels it ran
+    /// (`cpu`, `level`, `tuning`), so rows from different machines can be
+    /// pooled without losing what they measured.
     fn json(&self) -> serde_json::Value {
         let (median, min, max) = self.stats();
         let p = self.percentiles();
+        let d = &mipha_kernels::cpu::dispatch::cpu();
         serde_json::json!({
+            "cpu": d.brand, "cpu_id": format!("{:?} family {:#x} model {:#x}", d.vendor, d.family, d.model),
+            "level": mipha_kernels::cpu::dispatch::level().name(),
+            "tuning": mipha_kernels::cpu::dispatch::tuning().describe(),
             "figure": self.name, "quant": self.quant, "vision_quant": self.vision_quant,
             "threads": self.threads, "tokens": self.tokens, "streams": self.streams,
             "median": median, "min": min, "max": max,
@@ -498,8 +505,10 @@ fn run(args: &Args) -> BoxResult<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let level = mipha_kernels::cpu::dispatch::level().name();
     let mut header = vec![format!(
-        "machine: {}, {cores} cores, kernels dispatched to {level}; load average at the start: {}",
+        "machine: {} ({}), {cores} cores, kernels dispatched to {level}, tuning {}; load average at the start: {}",
         cpu_model(),
+        mipha_kernels::cpu::dispatch::cpu().describe(),
+        mipha_kernels::cpu::dispatch::tuning().describe(),
         load_average()
     )];
     eprintln!("{}", header[0]);

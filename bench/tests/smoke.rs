@@ -45,9 +45,26 @@ fn check_line(v: &Value) {
         "p50",
         "p99",
         "bound_fraction",
+        "cpu",
+        "cpu_id",
+        "level",
+        "tuning",
     ] {
         assert!(v.get(key).is_some(), "`{key}` missing: {v}");
     }
+    // The machine and the kernels it ran are named on every row.
+    let level = v["level"].as_str().expect("level is a string");
+    assert!(
+        mipha_kernels::cpu::dispatch::Level::from_name(level).is_some(),
+        "{v}"
+    );
+    assert!(v["cpu"].as_str().is_some_and(|c| !c.is_empty()), "{v}");
+    assert!(
+        v["tuning"]
+            .as_str()
+            .is_some_and(|t| t.contains("weight_prefetch=")),
+        "{v}"
+    );
     let num = |k: &str| {
         v[k].as_f64()
             .unwrap_or_else(|| panic!("`{k}` is not a number: {v}"))

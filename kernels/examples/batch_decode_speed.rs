@@ -1,6 +1,6 @@
 //! The matmuls of one batched decode step over a model-sized set of weights
-//! (`cargo run --release -p mipha-kernels --example batch_decode_speed -- [q4_0|q8_0] [GB] [m...]`):
-//! Phi-2-shaped Q4_0/Q8_0 matrices (q, k, v, dense, fc1, fc2 per layer) until
+//! (`cargo run --release -p mipha-kernels --example batch_decode_speed -- [q4_0|q8_0|f16|bf16] [GB] [m...]`):
+//! Phi-2-shaped matrices (q, k, v, dense, fc1, fc2 per layer) until
 //! the set holds about GB gigabytes, far more than any cache, then one pass
 //! of `m` activation rows through every matrix, as a decode step of `m`
 //! sequences does. Prints ms per pass and the bytes streamed per second.
@@ -15,6 +15,8 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let ty = match args.first().map(String::as_str) {
         Some("q8_0") => QuantType::Q8_0,
+        Some("f16") => QuantType::F16,
+        Some("bf16") => QuantType::BF16,
         _ => QuantType::Q4_0,
     };
     let gb: f64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1.5);
@@ -50,9 +52,12 @@ fn main() {
         }
     }
     println!(
-        "{ty}: {} matrices, {:.2} GB",
+        "{ty}: {} matrices, {:.2} GB; {}, level {}, tuning {}",
         mats.len(),
-        bytes as f64 / 1e9
+        bytes as f64 / 1e9,
+        cpu::dispatch::cpu().describe(),
+        cpu::dispatch::level().name(),
+        cpu::dispatch::tuning().describe()
     );
     let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
     for &m in &ms {

@@ -477,3 +477,53 @@ pub fn matmul_int8(x: &[f32], m: usize, w: WeightView, bias: Option<&[f32]>, out
         }
     }
 }
+
+/// An activation as `vcvtne2ps2bf16` rounds it for `vdpbf16ps`: to nearest
+/// even BF16, subnormal inputs and results as zero of the same sign, NaN quiet.
+/// Returned widened to f32 (exact).
+pub fn round_bf16(x: f32) -> f32 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return f32::from_bits((bits | 0x0040_0000) & 0xffff_0000);
+    }
+    if x.is_subnormal() {
+        return f32::from_bits(bits & 0x8000_0000);
+    }
+    let lsb = (bits >> 16) & 1;
+    let rounded = bits.wrapping_add(0x7fff + lsb) & 0xffff_0000;
+    let y = f32::from_bits(rounded);
+    if y.is_subnormal() {
+        f32::from_bits(rounded & 0x8000_0000)
+    } else {
+        y
+    }
+}
+
+/// The BF16 matmul on CPUs with AVX512_BF16 (`vdpbf16ps`, as llama.cpp's BF16
+/// path): each activation rounded by [`round_bf16`], each product of two BF16
+/// values exact in f32, accumulated in f32 over the pairs `(2p, 2p + 1)` of
+/// `k` (odd element first, as the instruction does; an odd `k` pairs its last
+/// element with zero), bias added last. The kernels split the sum into several
+/// chains, so they agree with this to f32 summation rounding, not bit for bit.
+pub fn matmul_bf16_dot(x: &[f32], m: usize, w: WeightView, bias: Option<&[f32]>, out: &mut [f32]) {
+    use crate::quant::QuantType;
+    check_matmul(x, m, &w, bias, out);
+    assert_eq!(w.ty, QuantType::BF16, "matmul_bf16_dot: {} weights", w.ty);
+    let (n, k) = (w.rows, w.cols);
+    let mut row = vec![0.0f32; k + 1];
+    let xb: Vec<f32> = x.iter().map(|&v| round_bf16(v)).collect();
+    for j in 0..n {
+        dequantize_row(w.ty, w.row(j), &mut row[..k]);
+        row[k] = 0.0;
+        for i in 0..m {
+            let xi = &xb[i * k..(i + 1) * k];
+            let mut acc = 0.0f32;
+            for p in (0..k).step_by(2) {
+                let x1 = if p + 1 < k { xi[p + 1] } else { 0.0 };
+                acc += row[p + 1] * x1;
+                acc += row[p] * xi[p];
+            }
+            out[i * n + j] = acc + bias.map_or(0.0, |b| b[j]);
+        }
+    }
+}
