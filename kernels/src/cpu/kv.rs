@@ -1,4 +1,5 @@
-//! Stores into the KV cache: K/V rows converted to the pool's element type.
+//! Stores into the KV cache: K/V rows converted to the pool's element type
+//! (f16: with the level's vector conversion, [`super::isa::Simd::store_h`]).
 
 use half::f16;
 use rayon::prelude::*;

@@ -1,4 +1,6 @@
-//! Vectorised transcendental helpers for the CPU ops.
+//! Vectorised transcendental helpers for the CPU ops, on `wide::f32x8` (what
+//! the build targets). The 16-lane AVX-512 `exp` and GELU, and AVX2's `exp`,
+//! are in `isa`, with the other intrinsics.
 
 use wide::f32x8;
 

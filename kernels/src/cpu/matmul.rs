@@ -4,6 +4,11 @@
 //! op is a stream through the weights, and each thread streams its own rows. For
 //! `m > 1` every weight block is decoded once per tile of up to four x rows.
 //! Activations stay f32, so results match an oracle run on dequantized weights.
+//!
+//! This is the path of unpacked weights (as stored in the file); the block
+//! decoders here ([`Decode`]) are per storage type, on `wide`, and the whole
+//! kernel is entered per level through `isa` (AVX2 at most, whose decode row dot
+//! is [`super::isa::Cpu::dot_row`]).
 
 use std::cell::Cell;
 use std::marker::PhantomData;
@@ -13,7 +18,9 @@ use rayon::prelude::*;
 use wide::{f32x8, u32x8};
 
 use super::dispatch::Level;
-use super::isa::{self, Cpu, Kernel};
+#[cfg(target_arch = "x86_64")]
+use super::isa::Avx2;
+use super::isa::{Cpu, Kernel, Portable};
 use super::math::load;
 use crate::quant::dequantize_row;
 use crate::reference::check_matmul;
@@ -199,21 +206,23 @@ fn matmul_cols<D: Decode>(x: &[f32], m: usize, w: &WeightView, j0: usize, out_t:
 /// at most: the `wide` code and the row dot are 8 lanes wide.
 #[inline(always)]
 fn cols<D: Decode>(x: &[f32], m: usize, w: &WeightView, j0: usize, out_t: &mut [f32]) {
-    let level = super::dispatch::level().min(Level::Avx2);
-    // SAFETY: level() is supported, and so is every level below it.
-    unsafe {
-        isa::run(
-            level,
-            Cols::<D> {
-                x,
-                m,
-                w,
-                j0,
-                out_t,
-                decode: PhantomData,
-            },
-        )
+    let task = Cols::<D> {
+        x,
+        m,
+        w,
+        j0,
+        out_t,
+        decode: PhantomData,
+    };
+    // Not `isa::run`: only these two tokens are built for this path.
+    #[cfg(target_arch = "x86_64")]
+    if super::dispatch::level() >= Level::Avx2 {
+        // SAFETY: level() reported AVX2, FMA and F16C on this CPU.
+        unsafe { Avx2::<false>::new().enter(task) };
+        return;
     }
+    // SAFETY: the portable kernel has no contract.
+    unsafe { Portable.enter(task) }
 }
 
 struct Cols<'a, D> {

@@ -4,7 +4,14 @@
 //! The hot kernels (packed matmuls in `gemm`, attention, decode row dots, KV
 //! stores) are written once over the traits of `isa` and built per
 //! [`dispatch::Level`] with `#[target_feature]` and intrinsics, chosen at run
-//! time; every intrinsic lives in `isa`, in the file of its instruction set. The light elementwise ops use `wide`, which picks its instructions from
+//! time; every intrinsic lives in `isa`, in the file of its instruction set.
+//!
+//! Layout: `isa` (the level tokens and their traits), `gemm` (packed matmuls:
+//! packing, activation quantization, the int8 and float kernels), `attention`
+//! (entry and batching, the tiled and the rows paths), `matmul` (unpacked
+//! weights), `kv` (KV stores), `math` (`wide` transcendentals), `dispatch`
+//! (levels, CPU detection, per-CPU tuning). Dependencies run one way: the
+//! kernels use `isa`, `isa` uses only `math` and `dispatch`. The light elementwise ops use `wide`, which picks its instructions from
 //! the build's target features (SSE2 on a default x86-64 build). Threads through
 //! rayon: each op runs in whatever pool it is called from (the global one, or one
 //! the engine `install`s), may be called from inside a rayon task, and splits its

@@ -1,10 +1,13 @@
 //! Multi-head attention over a paged KV cache of f32 or f16 (widened to f32 as it
 //! is read; scores, softmax and sums are f32 either way).
 //!
-//! Two schedules, both written once over a small SIMD interface ([`Simd`]) and
-//! built per instruction set and KV element type ([`Load`]): portable
-//! (`wide::f32x8`), AVX2 + FMA (+ F16C) and AVX-512F (intrinsics), chosen at run
-//! time by [`super::dispatch::level`].
+//! Two schedules, both written once over the f32 vectors of the level tokens
+//! ([`Simd`]) and built per token and KV element type ([`Load`]): portable
+//! (`wide::f32x8`), AVX2 + FMA + F16C and AVX-512 (intrinsics), chosen at run
+//! time by [`super::dispatch::level`] through the [`Kernels`] tables here,
+//! which also hold each level's tile shapes. This file holds the entry points,
+//! batching and the shared walk over the block table; `tile` the tiled path,
+//! `rows` the rows path.
 //!
 //! * Tiled (prefill, SigLIP): flash attention with an online softmax. One rayon
 //!   task per (head, tile of query rows). The tile's queries are held transposed

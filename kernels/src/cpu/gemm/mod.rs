@@ -44,7 +44,7 @@ thread_local! {
     static ACTS: Cell<QuantizedActs> = Cell::new(QuantizedActs::default());
 }
 
-/// `out[m, n] = x[m, k] . W^T (+ bias)` through the integer kernels of `level`
+/// `out[m, n] = x[m, k] . W^T (+ bias)` through the int8 or float kernels of `level`
 /// (clamped to what the CPU supports).
 pub(crate) fn matmul_packed(
     level: Level,
