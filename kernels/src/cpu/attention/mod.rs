@@ -228,9 +228,9 @@ pub(super) fn prefetch<E>(base: *const E, from: usize, len: usize) {
 pub(super) struct Kernels<E: KvElem> {
     /// query rows per tile
     pub(super) tile_rows: usize,
-    /// [`tile`] (same safety contract)
+    /// [`tile()`] (same safety contract)
     pub(super) tile: TileFn<E>,
-    /// [`row`] (unsafe only for the target features)
+    /// [`row()`] (unsafe only for the target features)
     pub(super) row: RowFn<E>,
     /// kernels with smaller tiles, for calls with at most their `tile_rows` rows
     pub(super) few: Option<&'static Kernels<E>>,
@@ -256,10 +256,10 @@ impl<E: KvElem> Kernels<E> {
 // tile keep a tile's K and V rows, scores and Q / accumulator in L1. The f16
 // kernels are the f32 ones built with the conversions.
 
-/// [`tile`] on `C`'s instructions: the tables' tile entries.
+/// [`tile()`] on `C`'s instructions: the tables' tile entries.
 ///
 /// # Safety
-/// The CPU supports `C`'s level, and [`tile`]'s contract holds.
+/// The CPU supports `C`'s level, and [`tile()`]'s contract holds.
 unsafe fn tile_on<
     C: Cpu,
     E: Load,
@@ -303,7 +303,7 @@ impl<E: Load, const RV: usize, const NK: usize, const ND: usize, const KT: usize
     }
 }
 
-/// [`row`] on `C`'s instructions: the tables' row entries.
+/// [`row()`] on `C`'s instructions: the tables' row entries.
 ///
 /// # Safety
 /// The CPU supports `C`'s level.

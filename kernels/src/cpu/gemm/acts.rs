@@ -20,8 +20,8 @@ use crate::QK;
 /// stored as `w + 128`). A tile thus needs one pointer per operand, and every
 /// row's data is a constant displacement from it.
 ///
-/// Built by [`quantize_acts`] or [`crate::cpu::layer_norm_quantize`], then read by
-/// any number of [`matmul_quantized`](super::matmul_quantized) calls (Phi-2's q, k, v and fc1 share one).
+/// Built by [`crate::cpu::quantize_acts`] or [`crate::cpu::layer_norm_quantize`], then read by
+/// any number of [`crate::cpu::matmul_quantized`] calls (Phi-2's q, k, v and fc1 share one).
 #[derive(Default)]
 pub struct QuantizedActs {
     pub(super) level: Option<Level>,

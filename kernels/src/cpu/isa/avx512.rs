@@ -186,8 +186,8 @@ unsafe fn gelu_tanh16(v: &mut [f32; 16]) {
     );
 }
 
-/// One 512-bit register per 16 lanes; `VNNI` picks `vpdpbusd` over `maddubs`
-/// + `madd`.
+/// One 512-bit register per 16 lanes; `VNNI` picks `vpdpbusd` over
+/// `maddubs` + `madd`.
 impl<const VNNI: bool> Panel for Avx512<VNNI> {
     type I = __m512i;
     type F = __m512;

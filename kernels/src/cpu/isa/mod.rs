@@ -38,7 +38,7 @@ pub(crate) use avx2::Avx2;
 pub(crate) use avx512::Avx512;
 pub(crate) use portable::Portable;
 
-/// Weight rows per panel of the packed matmuls: the lanes of a [`Panel`] vector.
+/// Weight rows per panel of the packed matmuls (the lanes of a `Panel` vector).
 pub const PANEL: usize = 16;
 
 /// The f32 vector operations of attention and the KV stores. Implementations are
