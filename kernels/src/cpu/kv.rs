@@ -1,9 +1,11 @@
-//! Stores into the KV cache: K/V rows converted to the pool's element type.
+//! Stores into the KV cache: K/V rows converted to the pool's element type
+//! (f16: with the level's vector conversion, [`super::isa::Simd::store_h`]).
 
 use half::f16;
 use rayon::prelude::*;
 
 use super::dispatch::{best_up_to, Level};
+use super::isa::{self, Cpu, Kernel};
 use super::PAR_MIN;
 use crate::{KvDtype, KvElem};
 
@@ -30,49 +32,31 @@ pub(crate) fn kv_store<E: KvElem>(level: Level, src: &[f32], dst: &mut [E]) {
 /// `f16::from_f32` does (it is the F16C instruction where the CPU has one), so
 /// the tails go through it.
 fn to_f16(level: Level, src: &[f32], dst: &mut [f16]) {
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: `level` is supported (see `kv_store`): Avx512 has AVX-512F,
-        // every level above Portable F16C.
-        if level >= Level::Avx512 {
-            done = unsafe { x86::to_f16_avx512(src, dst) };
-        } else if level >= Level::Avx2 {
-            done = unsafe { x86::to_f16_f16c(src, dst) };
-        }
-    }
-    let _ = level;
+    // SAFETY: `level` is supported (see `kv_store`).
+    let done = unsafe { isa::run(level, ToF16 { src, dst }) };
     for (d, &s) in dst[done..].iter_mut().zip(&src[done..]) {
         *d = f16::from_f32(s);
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use std::arch::x86_64::*;
+/// Converts the leading multiple of `LANES` elements; returns how many.
+struct ToF16<'a> {
+    src: &'a [f32],
+    dst: &'a mut [f16],
+}
 
-    use half::f16;
-
-    /// Converts the leading multiple of 16 elements; returns how many.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn to_f16_avx512(src: &[f32], dst: &mut [f16]) -> usize {
-        let n = src.len().min(dst.len()) / 16 * 16;
-        for c in (0..n).step_by(16) {
-            let h =
-                _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm512_loadu_ps(src.as_ptr().add(c)));
-            _mm256_storeu_si256(dst.as_mut_ptr().add(c).cast(), h);
-        }
-        n
-    }
-
-    /// Converts the leading multiple of 8 elements; returns how many.
-    #[target_feature(enable = "avx,f16c")]
-    pub(super) unsafe fn to_f16_f16c(src: &[f32], dst: &mut [f16]) -> usize {
-        let n = src.len().min(dst.len()) / 8 * 8;
-        for c in (0..n).step_by(8) {
-            let h =
-                _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(src.as_ptr().add(c)));
-            _mm_storeu_si128(dst.as_mut_ptr().add(c).cast(), h);
+impl Kernel for ToF16<'_> {
+    type Out = usize;
+    #[inline(always)]
+    unsafe fn run<C: Cpu>(self, s: C) -> usize {
+        let lanes = C::LANES;
+        let n = self.src.len().min(self.dst.len()) / lanes * lanes;
+        for c in (0..n).step_by(lanes) {
+            // SAFETY: c + lanes <= n, within both slices.
+            s.store_h(
+                self.dst.as_mut_ptr().add(c),
+                s.load(self.src.as_ptr().add(c)),
+            );
         }
         n
     }

@@ -1,4 +1,6 @@
-//! Vectorised transcendental helpers for the CPU ops.
+//! Vectorised transcendental helpers for the CPU ops, on `wide::f32x8` (what
+//! the build targets). The 16-lane AVX-512 `exp` and GELU, and AVX2's `exp`,
+//! are in `isa`, with the other intrinsics.
 
 use wide::f32x8;
 
@@ -184,111 +186,4 @@ fn poly_blend(x: f32x8, mask: f32x8, c1: &[f32], c0: &[f32]) -> f32x8 {
         acc = acc.mul_add(x, k);
     }
     acc
-}
-
-#[cfg(target_arch = "x86_64")]
-pub(crate) mod x86 {
-    use std::arch::x86_64::*;
-
-    /// Cephes `expf`'s argument range (lanes below `EXP_LO` become 0, above
-    /// `EXP_HI` are clamped), its split of `ln 2`, and its degree-7 polynomial
-    /// for `e^r` from the highest coefficient down.
-    const EXP_LO: f32 = -86.5;
-    const EXP_HI: f32 = 88.0;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const EXP_POLY: [f32; 6] = [
-        1.987_569_1e-4,
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ];
-
-    /// Cephes `expf` on 16 lanes: `e^x = 2^n e^r`, `n = round(x log2 e)`,
-    /// `|r| <= ln2 / 2`, `e^r` by a degree-7 polynomial; about 1 ulp. Arguments
-    /// are clamped to [-86.5, 88] first so no lane builds a subnormal or garbage
-    /// exponent (both slow), and lanes below -86.5 (`e^x < 3e-38`, nothing next
-    /// to a softmax sum of at least 1) become 0. NaN stays NaN.
-    ///
-    /// # Safety
-    /// AVX-512 F must be present (callers run inside AVX-512 kernels).
-    #[inline(always)]
-    pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
-        let lo = _mm512_set1_ps(EXP_LO);
-        // minps/maxps return the second operand for NaN: keep x there.
-        let xc = _mm512_max_ps(lo, _mm512_min_ps(_mm512_set1_ps(EXP_HI), x));
-        let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, lo);
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), xc);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
-        let mut p = _mm512_set1_ps(EXP_POLY[0]);
-        for c in &EXP_POLY[1..] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
-        }
-        let y = _mm512_add_ps(
-            _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
-            _mm512_set1_ps(1.0),
-        );
-        let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-            _mm512_cvtps_epi32(n),
-            _mm512_set1_epi32(127),
-        ));
-        _mm512_maskz_mov_ps(keep, _mm512_mul_ps(y, _mm512_castsi512_ps(e)))
-    }
-
-    /// [`exp16`] on 8 lanes.
-    ///
-    /// # Safety
-    /// AVX2 and FMA must be present (callers run inside AVX2 kernels).
-    #[inline(always)]
-    pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
-        let lo = _mm256_set1_ps(EXP_LO);
-        let xc = _mm256_max_ps(lo, _mm256_min_ps(_mm256_set1_ps(EXP_HI), x));
-        let keep = _mm256_cmp_ps::<_CMP_NLT_UQ>(x, lo);
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), xc);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
-        let mut p = _mm256_set1_ps(EXP_POLY[0]);
-        for c in &EXP_POLY[1..] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
-        }
-        let y = _mm256_add_ps(
-            _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
-            _mm256_set1_ps(1.0),
-        );
-        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvtps_epi32(n),
-            _mm256_set1_epi32(127),
-        ));
-        _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep)
-    }
-
-    /// [`super::gelu_tanh8`] on 16 lanes in place, with [`exp16`]: the matmul
-    /// epilogue of the AVX-512 kernels (`wide`'s 8-lane exp is an SSE2 call).
-    ///
-    /// # Safety
-    /// AVX-512 F must be present.
-    #[inline(always)]
-    pub(crate) unsafe fn gelu_tanh16(v: &mut [f32; 16]) {
-        let x = _mm512_loadu_ps(v.as_ptr());
-        let u = _mm512_mul_ps(
-            _mm512_mul_ps(_mm512_set1_ps(0.797_884_6), x),
-            _mm512_fmadd_ps(
-                _mm512_mul_ps(_mm512_set1_ps(0.044715), x),
-                x,
-                _mm512_set1_ps(1.0),
-            ),
-        );
-        let e = exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0), u));
-        _mm512_storeu_ps(
-            v.as_mut_ptr(),
-            _mm512_div_ps(x, _mm512_add_ps(e, _mm512_set1_ps(1.0))),
-        );
-    }
 }

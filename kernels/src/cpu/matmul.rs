@@ -4,13 +4,23 @@
 //! op is a stream through the weights, and each thread streams its own rows. For
 //! `m > 1` every weight block is decoded once per tile of up to four x rows.
 //! Activations stay f32, so results match an oracle run on dequantized weights.
+//!
+//! This is the path of unpacked weights (as stored in the file); the block
+//! decoders here ([`Decode`]) are per storage type, on `wide`, and the whole
+//! kernel is entered per level through `isa` (AVX2 at most, whose decode row dot
+//! is [`super::isa::Cpu::dot_row`]).
 
 use std::cell::Cell;
+use std::marker::PhantomData;
 
 use half::f16;
 use rayon::prelude::*;
 use wide::{f32x8, u32x8};
 
+use super::dispatch::Level;
+#[cfg(target_arch = "x86_64")]
+use super::isa::Avx2;
+use super::isa::{Cpu, Kernel, Portable};
 use super::math::load;
 use crate::quant::dequantize_row;
 use crate::reference::check_matmul;
@@ -192,129 +202,55 @@ fn matmul_cols<D: Decode>(x: &[f32], m: usize, w: &WeightView, j0: usize, out_t:
 }
 
 /// [`matmul_cols`] compiled for the best instruction set this CPU has (checked
-/// once at run time), so one binary runs everywhere and fast where it can.
+/// once at run time), so one binary runs everywhere and fast where it can. AVX2
+/// at most: the `wide` code and the row dot are 8 lanes wide.
 #[inline(always)]
 fn cols<D: Decode>(x: &[f32], m: usize, w: &WeightView, j0: usize, out_t: &mut [f32]) {
+    let task = Cols::<D> {
+        x,
+        m,
+        w,
+        j0,
+        out_t,
+        decode: PhantomData,
+    };
+    // Not `isa::run`: only these two tokens are built for this path.
     #[cfg(target_arch = "x86_64")]
-    if super::dispatch::level() >= super::dispatch::Level::Avx2 {
+    if super::dispatch::level() >= Level::Avx2 {
         // SAFETY: level() reported AVX2, FMA and F16C on this CPU.
-        unsafe { matmul_cols_avx2::<D>(x, m, w, j0, out_t) };
+        unsafe { Avx2::<false>::new().enter(task) };
         return;
     }
-    matmul_cols::<D>(x, m, w, j0, out_t)
+    // SAFETY: the portable kernel has no contract.
+    unsafe { Portable.enter(task) }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn matmul_cols_avx2<D: Decode>(
-    x: &[f32],
+struct Cols<'a, D> {
+    x: &'a [f32],
     m: usize,
-    w: &WeightView,
+    w: &'a WeightView<'a>,
     j0: usize,
-    out_t: &mut [f32],
-) {
-    // Decode streams each weight row once: the quantized types get hand-written
-    // block dots (f32 activations, so results match the portable path up to
-    // summation order).
-    if m == 1 {
-        for (jj, o) in out_t.iter_mut().enumerate() {
-            *o = avx2::dot_row(w.ty, w.row(j0 + jj), x, w.cols);
-        }
-        return;
-    }
-    matmul_cols::<D>(x, m, w, j0, out_t)
+    out_t: &'a mut [f32],
+    decode: PhantomData<D>,
 }
 
-/// AVX2/FMA/F16C block dots of one stored row (any type) with f32 activations.
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    use crate::quant::dequantize_row;
-    use crate::{QuantType, QK};
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn scale(b: &[u8]) -> __m256 {
-        let h = u16::from_le_bytes([b[0], b[1]]);
-        _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32))))
-    }
-
-    /// `sum_j w[j] * x[j]` over the row's `k` logical columns.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_row(ty: QuantType, row: &[u8], x: &[f32], k: usize) -> f32 {
-        let nb = k / QK;
-        // bytes per 32 elements (one block, or 32 plain floats)
-        let bb = ty.row_bytes(QK);
-        let mut acc = _mm256_setzero_ps();
-        let xp = x.as_ptr();
-        for b in 0..nb {
-            let blk = &row[b * bb..(b + 1) * bb];
-            let xb = xp.add(b * QK);
-            let mut s = _mm256_setzero_ps();
-            let p = blk.as_ptr();
-            match ty {
-                QuantType::F32 => {
-                    for c in 0..4 {
-                        let w = _mm256_loadu_ps(p.add(32 * c) as *const f32);
-                        acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb.add(8 * c)), acc);
-                    }
-                    continue;
-                }
-                QuantType::F16 => {
-                    for c in 0..4 {
-                        let h = _mm_loadu_si128(p.add(16 * c) as *const __m128i);
-                        let w = _mm256_cvtph_ps(h);
-                        acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb.add(8 * c)), acc);
-                    }
-                    continue;
-                }
-                QuantType::BF16 => {
-                    for c in 0..4 {
-                        let h = _mm_loadu_si128(p.add(16 * c) as *const __m128i);
-                        let w =
-                            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-                        acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb.add(8 * c)), acc);
-                    }
-                    continue;
-                }
-                QuantType::Q4_0 | QuantType::Q8_0 => {}
+impl<D: Decode> Kernel for Cols<'_, D> {
+    type Out = ();
+    #[inline(always)]
+    unsafe fn run<C: Cpu>(self, c: C) {
+        let Cols {
+            x, m, w, j0, out_t, ..
+        } = self;
+        // Decode streams each weight row once: the quantized types get
+        // hand-written block dots where the level has them (f32 activations,
+        // so results match the portable path up to summation order).
+        if C::ROW_DOT && m == 1 {
+            for (jj, o) in out_t.iter_mut().enumerate() {
+                *o = c.dot_row(w.ty, w.row(j0 + jj), x, w.cols);
             }
-            if ty == QuantType::Q4_0 {
-                let bytes = _mm_loadu_si128(blk.as_ptr().add(2) as *const __m128i);
-                let mask = _mm_set1_epi8(0x0f);
-                let lo = _mm_and_si128(bytes, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-                let eight = _mm256_set1_ps(8.0);
-                for (half, nib) in [lo, hi].into_iter().enumerate() {
-                    let a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nib));
-                    let b8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(nib, 8)));
-                    let x0 = _mm256_loadu_ps(xb.add(16 * half));
-                    let x1 = _mm256_loadu_ps(xb.add(16 * half + 8));
-                    s = _mm256_fmadd_ps(_mm256_sub_ps(a, eight), x0, s);
-                    s = _mm256_fmadd_ps(_mm256_sub_ps(b8, eight), x1, s);
-                }
-            } else {
-                let q = blk.as_ptr().add(2);
-                for c in 0..4 {
-                    let v = _mm_loadl_epi64(q.add(8 * c) as *const __m128i);
-                    let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-                    s = _mm256_fmadd_ps(f, _mm256_loadu_ps(xb.add(8 * c)), s);
-                }
-            }
-            acc = _mm256_fmadd_ps(scale(blk), s, acc);
+            return;
         }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-        let mut total: f32 = lanes.iter().sum();
-        if !k.is_multiple_of(QK) {
-            let mut wt = [0f32; QK];
-            dequantize_row(ty, &row[nb * bb..], &mut wt[..k % QK]);
-            for (wv, xv) in wt[..k % QK].iter().zip(&x[nb * QK..k]) {
-                total += wv * xv;
-            }
-        }
-        total
+        matmul_cols::<D>(x, m, w, j0, out_t)
     }
 }
 

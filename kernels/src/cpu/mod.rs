@@ -1,10 +1,17 @@
 //! The CPU path the engine runs. Same functions and signatures as
 //! [`crate::reference`], which is what every function here is tested against.
 //!
-//! The hot kernels (packed matmuls in `qgemm`/`fgemm`, attention, decode row
-//! dots) are written once over a small SIMD interface and built per
+//! The hot kernels (packed matmuls in `gemm`, attention, decode row dots, KV
+//! stores) are written once over the traits of `isa` and built per
 //! [`dispatch::Level`] with `#[target_feature]` and intrinsics, chosen at run
-//! time. The light elementwise ops use `wide`, which picks its instructions from
+//! time; every intrinsic lives in `isa`, in the file of its instruction set.
+//!
+//! Layout: `isa` (the level tokens and their traits), `gemm` (packed matmuls:
+//! packing, activation quantization, the int8 and float kernels), `attention`
+//! (entry and batching, the tiled and the rows paths), `matmul` (unpacked
+//! weights), `kv` (KV stores), `math` (`wide` transcendentals), `dispatch`
+//! (levels, CPU detection, per-CPU tuning). Dependencies run one way: the
+//! kernels use `isa`, `isa` uses only `math` and `dispatch`. The light elementwise ops use `wide`, which picks its instructions from
 //! the build's target features (SSE2 on a default x86-64 build). Threads through
 //! rayon: each op runs in whatever pool it is called from (the global one, or one
 //! the engine `install`s), may be called from inside a rayon task, and splits its
@@ -12,22 +19,42 @@
 
 mod attention;
 pub mod dispatch;
-mod fgemm;
+mod gemm;
+mod isa;
 mod kv;
 mod math;
 mod matmul;
-mod qgemm;
 
 use rayon::prelude::*;
 use wide::f32x8;
 
 use crate::reference;
 pub use crate::{AttnSeq, Epilogue, KvDtype, KvElem, KvLayer, KvView, WeightView};
+pub use gemm::{PackedMatrix, QuantizedActs, PANEL};
 use math::{load, map_in_place, store};
-pub use qgemm::{PackedMatrix, QuantizedActs, PANEL};
 
 /// Elements below which an elementwise op stays on the calling thread.
 const PAR_MIN: usize = 1 << 15;
+
+/// The output of a parallel kernel, written through by tasks at disjoint
+/// elements (attention's (row, head) slices, the matmuls' column ranges).
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements, and the caller's `&mut` outlives them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    pub(crate) fn new(p: *mut f32) -> Self {
+        OutPtr(p)
+    }
+
+    /// Through a method, so closures capture the `Sync` wrapper, not the pointer.
+    #[inline(always)]
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// `out[m, n] = x[m, k] . W[n, k]^T (+ bias[n])`. `x` is row-major `[m, k]` with
 /// `k = w.cols`; `out` is `[m, w.rows]`.
@@ -44,7 +71,7 @@ pub fn matmul(x: &[f32], m: usize, w: WeightView, bias: Option<&[f32]>, out: &mu
 /// [`reference::matmul_int8`] defines. F16/BF16: f32 activations and FMAs, as
 /// [`reference::matmul`].
 pub fn matmul_packed(x: &[f32], m: usize, w: &PackedMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
-    qgemm::matmul_packed(dispatch::level(), x, m, w, bias, Epilogue::Store, out)
+    gemm::matmul_packed(dispatch::level(), x, m, w, bias, Epilogue::Store, out)
 }
 
 /// [`matmul_packed`] with an [`Epilogue`] applied as each result is written
@@ -59,7 +86,7 @@ pub fn matmul_packed_at(
     epilogue: Epilogue,
     out: &mut [f32],
 ) {
-    qgemm::matmul_packed(level, x, m, w, bias, epilogue, out)
+    gemm::matmul_packed(level, x, m, w, bias, epilogue, out)
 }
 
 /// [`matmul_packed`] with an [`Epilogue`], on the dispatched path.
@@ -71,7 +98,7 @@ pub fn matmul_packed_with(
     epilogue: Epilogue,
     out: &mut [f32],
 ) {
-    qgemm::matmul_packed(dispatch::level(), x, m, w, bias, epilogue, out)
+    gemm::matmul_packed(dispatch::level(), x, m, w, bias, epilogue, out)
 }
 
 /// Quantizes `x` (`m x k`) once for any number of [`matmul_quantized`] calls
@@ -79,7 +106,7 @@ pub fn matmul_packed_with(
 /// the int8 matmuls of Q8_0/Q4_0 weights that read the same activations (Phi-2's
 /// q, k, v and fc1) then share one quantization.
 pub fn quantize_acts(x: &[f32], m: usize, k: usize, acts: &mut QuantizedActs) {
-    qgemm::quantize_acts(dispatch::level(), x, m, k, acts)
+    gemm::quantize_acts(dispatch::level(), x, m, k, acts)
 }
 
 /// [`quantize_acts`] on a chosen path.
@@ -90,7 +117,7 @@ pub fn quantize_acts_at(
     k: usize,
     acts: &mut QuantizedActs,
 ) {
-    qgemm::quantize_acts(level, x, m, k, acts)
+    gemm::quantize_acts(level, x, m, k, acts)
 }
 
 /// [`layer_norm`] fused with [`quantize_acts`] of its output: each group of
@@ -108,7 +135,7 @@ pub fn layer_norm_quantize_at(
 ) {
     reference::check_layer_norm(x, cols, weight, bias, out);
     let norm = |x: &[f32], o: &mut [f32]| layer_norm_rows(x, cols, weight, bias, eps, o);
-    qgemm::layer_norm_quantize(level, x, cols, &norm, out, acts)
+    gemm::layer_norm_quantize(level, x, cols, &norm, out, acts)
 }
 
 /// [`layer_norm_quantize_at`] on the dispatched path.
@@ -134,7 +161,7 @@ pub fn matmul_quantized(
     epilogue: Epilogue,
     out: &mut [f32],
 ) {
-    qgemm::matmul_quantized(acts, w, bias, epilogue, out)
+    gemm::matmul_quantized(acts, w, bias, epilogue, out)
 }
 
 /// [`crate::quant::quantize_act_block`] as the int8 matmuls of `level` run it
@@ -144,7 +171,7 @@ pub fn quantize_act_block_at(
     x: &[f32; 32],
     q: &mut [i8; 32],
 ) -> (f32, i32) {
-    qgemm::block_quantizer(level)(x, q)
+    gemm::block_quantizer(level)(x, q)
 }
 
 /// Row-wise LayerNorm over rows of `cols` elements (`rows = x.len() / cols`).
