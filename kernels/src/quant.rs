@@ -263,3 +263,19 @@ pub fn quantize_act_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, i32) {
     }
     (d, sum)
 }
+
+/// `x` rounded to BF16 bits as `vcvtne2ps2bf16` rounds (the activations of the
+/// BF16 dot): to nearest even; subnormals to zero of the same sign; NaN stays
+/// a (quiet) NaN. Branch-free enough for the compiler to vectorize a row of it.
+#[inline]
+pub fn round_bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let abs = b & 0x7fff_ffff;
+    if abs > 0x7f80_0000 {
+        ((b >> 16) | 0x0040) as u16
+    } else if abs < 0x0080_0000 {
+        ((b >> 16) & 0x8000) as u16
+    } else {
+        (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    }
+}

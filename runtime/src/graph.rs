@@ -377,10 +377,16 @@ pub struct Weights {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BindOptions {
     /// Repack Q8_0/Q4_0 matmul weights for the CPU's int8 kernels (activations
-    /// quantized to int8 per 32-block, as llama.cpp does). Off: those weights are
-    /// read in place and multiplied with f32 activations (slower; exact against a
-    /// dequantized-weights oracle).
+    /// quantized to int8 per 32-block, as llama.cpp does), and let BF16 weights
+    /// take the BF16 dot where the CPU has it (activations rounded to BF16,
+    /// `mipha_kernels::cpu::dispatch::bf16_dot`). Off: Q8_0/Q4_0 weights are
+    /// read in place and every weight type multiplies f32 activations (slower;
+    /// exact against a dequantized-weights oracle).
     pub int8_activations: bool,
+    /// BF16 weights: `Some(dot)` picks the BF16 dot or the exact path;
+    /// `None`: the dot where `int8_activations` is on and
+    /// `mipha_kernels::cpu::dispatch::bf16_dot` says so.
+    pub bf16_dot: Option<bool>,
     /// Repack matmul weights into the CPU kernels' panels at all. A GPU engine
     /// turns it off: its plans read the file's layouts, uploaded once.
     pub cpu_repack: bool,
@@ -390,6 +396,7 @@ impl Default for BindOptions {
     fn default() -> Self {
         BindOptions {
             int8_activations: true,
+            bf16_dot: None,
             cpu_repack: true,
         }
     }
@@ -502,7 +509,11 @@ impl Weights {
                 // SAFETY: as in `get`.
                 let data = unsafe { std::slice::from_raw_parts(r.ptr, r.len) };
                 let view = mipha_kernels::WeightView::new(r.ty, data, r.rows, r.cols);
-                packed[i] = PackedMatrix::pack(view);
+                // Exact mode keeps BF16 on f32 activations too.
+                let bf16_dot = options.bf16_dot.unwrap_or_else(|| {
+                    options.int8_activations && mipha_kernels::cpu::dispatch::bf16_dot()
+                });
+                packed[i] = PackedMatrix::pack_with(view, bf16_dot);
                 file.release(data);
                 done += r.len as u64;
                 if let Some(p) = progress {

@@ -243,6 +243,7 @@ fn text_plan_matches_cpu_over_prefill_and_decode() {
         file,
         BindOptions {
             int8_activations: false,
+            bf16_dot: None,
             cpu_repack: true,
         },
     )
@@ -314,6 +315,7 @@ fn decode_only_plan_matches_cpu_tightly() {
         file,
         BindOptions {
             int8_activations: false,
+            bf16_dot: None,
             cpu_repack: true,
         },
     )
@@ -473,6 +475,7 @@ fn text_setup(dir: &std::path::Path) -> (Plan, Weights, KvConfig) {
         file,
         BindOptions {
             int8_activations: false,
+            bf16_dot: None,
             cpu_repack: true,
         },
     )

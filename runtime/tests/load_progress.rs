@@ -66,6 +66,7 @@ fn bind(cpu_repack: bool) -> (Weights, Vec<(String, u64, u64)>, u64) {
     });
     let options = BindOptions {
         int8_activations: true,
+        bf16_dot: None,
         cpu_repack,
     };
     let w = Weights::bind_reporting(&plan, file, options, Some(&progress)).unwrap();

@@ -133,6 +133,24 @@ pub fn level() -> Level {
     })
 }
 
+/// Whether BF16 weights packed from now on multiply with the BF16 dot
+/// ([`Level::bf16_dot`] of the level in use), unless `MIPHA_BF16_DOT` says
+/// otherwise: `0` keeps f32 activations (exact) even where `vdpbf16ps` is,
+/// `1` rounds activations to BF16 everywhere (two FMAs emulate the
+/// instruction where it is missing: slower, for measuring its numerics).
+pub fn bf16_dot() -> bool {
+    static DOT: OnceLock<bool> = OnceLock::new();
+    *DOT.get_or_init(|| match std::env::var("MIPHA_BF16_DOT").ok().as_deref() {
+        Some("1") => true,
+        Some("0") => false,
+        None | Some("") => level().bf16_dot(),
+        Some(other) => {
+            eprintln!("warning: MIPHA_BF16_DOT={other} is not 0 or 1; using the CPU's default");
+            level().bf16_dot()
+        }
+    })
+}
+
 /// Who made the CPU, as CPUID says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Vendor {

@@ -186,6 +186,7 @@ impl Engine {
         }
         let bind = BindOptions {
             int8_activations: options.int8_activations,
+            bf16_dot: options.bf16_dot,
             // A GPU reads the file's layouts: CPU panels would only cost time and memory.
             cpu_repack: !device.is_cuda(),
         };

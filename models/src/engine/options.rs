@@ -62,10 +62,19 @@ pub struct EngineOptions {
     /// image embeddings kept for reuse (an LRU keyed by pixel content)
     pub image_cache: usize,
     /// Q8_0/Q4_0 weights multiply int8-quantized activations (per 32-block, as
-    /// llama.cpp does) through integer SIMD kernels on weights repacked at load.
-    /// Off: f32 activations against the weights in place (several times slower;
-    /// bit-for-bit the math of a dequantized-weights oracle, for conformance).
+    /// llama.cpp does) through integer SIMD kernels on weights repacked at load,
+    /// and BF16 weights BF16-rounded activations with `vdpbf16ps` where the CPU
+    /// has it (as llama.cpp does; `MIPHA_BF16_DOT=0|1` overrides). Off: f32
+    /// activations against every weight type (Q8_0/Q4_0 read in place, several
+    /// times slower; the math of a dequantized-weights oracle, for conformance).
     pub int8_activations: bool,
+    /// BF16 weights on the CPU: `Some(true)` rounds activations to BF16 and
+    /// runs the BF16 dot (`vdpbf16ps`, or two FMAs per pair on CPUs without
+    /// it), `Some(false)` multiplies f32 activations exactly; `None`: the BF16
+    /// dot where the CPU has `vdpbf16ps` and `int8_activations` is on
+    /// (`MIPHA_BF16_DOT=0|1` overrides the CPU's default). F16 weights always
+    /// take the exact path.
+    pub bf16_dot: Option<bool>,
     /// where the plans run: the CPU (default), a CUDA GPU, or `auto` (the GPU when
     /// one is usable, else the CPU; [`crate::Engine::device`] says which)
     pub device: DeviceChoice,
@@ -92,6 +101,7 @@ impl Default for EngineOptions {
             image_limits: ImageLimits::default(),
             image_cache: 8,
             int8_activations: true,
+            bf16_dot: None,
             device: DeviceChoice::Cpu,
             progress: None,
         }

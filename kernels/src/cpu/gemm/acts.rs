@@ -164,3 +164,29 @@ pub(crate) fn block_quantizer(level: Level) -> BlockQuantizer {
         quantize_act_block
     }
 }
+
+/// `x` (`m x k`) rounded to BF16 for the BF16 dot, as pairs: `xb[i * kp + q]`
+/// holds elements `2q` (low half) and `2q + 1` of row `i`, `kp = ceil(k / 2)`,
+/// an odd `k`'s last pair padded with 0. Rounding as
+/// [`round_bf16_bits`](crate::quant::round_bf16_bits).
+pub(crate) fn bf16_pairs(x: &[f32], m: usize, k: usize, xb: &mut Vec<u32>) {
+    use crate::quant::round_bf16_bits as r;
+    let kp = k.div_ceil(2);
+    xb.clear();
+    xb.resize(m * kp, 0);
+    let row = |(xr, dst): (&[f32], &mut [u32])| {
+        for (d, p) in dst.iter_mut().zip(xr.chunks(2)) {
+            let hi = p.get(1).map_or(0, |&v| r(v) as u32);
+            *d = r(p[0]) as u32 | hi << 16;
+        }
+    };
+    if k == 0 {
+        return;
+    }
+    // A prefill chunk's rows in parallel; a decode row (or a few) in place.
+    if m * k >= 1 << 16 {
+        x.par_chunks(k).zip(xb.par_chunks_mut(kp)).for_each(row);
+    } else {
+        x.chunks(k).zip(xb.chunks_mut(kp)).for_each(row);
+    }
+}

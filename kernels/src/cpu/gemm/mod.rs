@@ -42,6 +42,8 @@ thread_local! {
     /// Quantized activations, kept between calls so steady-state matmuls do not
     /// allocate. Taken out while in use (a nested call gets a fresh one).
     static ACTS: Cell<QuantizedActs> = Cell::new(QuantizedActs::default());
+    /// Activations rounded to BF16 pairs for the BF16 dot, likewise.
+    static XB: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
 }
 
 /// `out[m, n] = x[m, k] . W^T (+ bias)` through the int8 or float kernels of `level`
@@ -61,10 +63,15 @@ pub(crate) fn matmul_packed(
     }
     let level = supported(level);
     if matches!(w.ty, QuantType::F16 | QuantType::BF16) {
+        let mut xb = XB.take();
+        if w.bf16_dot() {
+            acts::bf16_pairs(x, m, w.cols, &mut xb);
+        }
         let job = float::Job {
             w,
             prefetch: tuning().weight_prefetch,
             x,
+            xb: &xb,
             m,
             bias,
             epilogue,
@@ -74,6 +81,7 @@ pub(crate) fn matmul_packed(
         over_panels(w.panels, tasks(w), |p0, p1| unsafe {
             isa::run(level, float::Sweep { job: &job, p0, p1 })
         });
+        XB.set(xb);
         return;
     }
     let mut acts = ACTS.take();

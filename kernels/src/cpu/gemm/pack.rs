@@ -13,9 +13,12 @@
 //! becomes `dot(nibble, x) - 8 * sum(x)` with the activation block's sum.
 //! Q8_0 is stored unsigned (`w + 128`, see `QuantizedActs`).
 //!
-//! F16 / BF16 (the float kernel): the weights of element `k` of the panel's 16
-//! rows are 32 contiguous bytes, which one `vcvtph2ps` (or a 16-bit shift for
-//! BF16) turns into a 16-lane f32 vector.
+//! F16 (the float kernel): the weights of element `k` of the panel's 16 rows
+//! are 32 contiguous bytes, which one `vcvtph2ps` turns into a 16-lane f32
+//! vector. BF16 pairs elements: the 64 bytes of pair `q` hold, for rows
+//! `r = 0..16`, elements `2q` and `2q + 1` of row `r` at `4r` — one 32-bit
+//! lane per row, as `vdpbf16ps` takes them (a shift and a mask make the two
+//! f32 vectors where it multiplies exactly); an odd `k` pads a zero.
 //!
 //! Rows past the matrix's end are zero.
 
@@ -40,6 +43,8 @@ pub struct PackedMatrix {
     pub(super) panels: usize,
     /// bytes of one block of one panel
     pub(super) block_bytes: usize,
+    /// BF16 only: multiply with the BF16 dot (activations rounded to BF16)
+    bf16_dot: bool,
     data: Vec<Line>,
 }
 
@@ -58,11 +63,24 @@ fn quant_bytes(ty: QuantType) -> Option<usize> {
 }
 
 impl PackedMatrix {
-    /// Repacks `w`; `None` for types without a panel kernel (F32).
+    /// Repacks `w`; `None` for types without a panel kernel (F32). BF16
+    /// weights will multiply with the BF16 dot where
+    /// [`dispatch::bf16_dot`](crate::cpu::dispatch::bf16_dot) says so (the CPU
+    /// has `vdpbf16ps`, or `MIPHA_BF16_DOT`), else exactly.
     pub fn pack(w: WeightView) -> Option<Self> {
+        Self::pack_with(w, crate::cpu::dispatch::bf16_dot())
+    }
+
+    /// [`PackedMatrix::pack`] with the BF16 arithmetic chosen: `bf16_dot`
+    /// rounds activations to BF16 and sums pairs of products
+    /// ([`reference::matmul_bf16_dot`](crate::reference::matmul_bf16_dot),
+    /// `vdpbf16ps` where the level has it, two FMAs below); off, BF16 weights
+    /// multiply f32 activations exactly ([`reference::matmul`](crate::reference::matmul)).
+    /// Ignored for other types.
+    pub fn pack_with(w: WeightView, bf16_dot: bool) -> Option<Self> {
         let panels = w.rows.div_ceil(PANEL);
         if matches!(w.ty, QuantType::F16 | QuantType::BF16) {
-            let panel_bytes = w.cols * PANEL * 2;
+            let panel_bytes = float_panel_bytes(w.ty, w.cols);
             let mut data = vec![Line([0; 64]); (panels * panel_bytes).div_ceil(64)];
             pack_float(
                 &w,
@@ -75,6 +93,7 @@ impl PackedMatrix {
                 nb: 0,
                 panels,
                 block_bytes: 0,
+                bf16_dot: bf16_dot && w.ty == QuantType::BF16,
                 data,
             });
         }
@@ -119,6 +138,7 @@ impl PackedMatrix {
             nb,
             panels,
             block_bytes,
+            bf16_dot: false,
             data,
         })
     }
@@ -147,26 +167,53 @@ impl PackedMatrix {
         self.data.len() * 64
     }
 
+    /// Whether this BF16 matrix multiplies with the BF16 dot (see
+    /// [`PackedMatrix::pack_with`]); false for every other type.
+    pub fn bf16_dot(&self) -> bool {
+        self.bf16_dot
+    }
+
+    /// Bytes of one panel of an F16/BF16 matrix.
+    pub(super) fn float_panel_bytes(&self) -> usize {
+        float_panel_bytes(self.ty, self.cols)
+    }
+
     pub(super) fn panel(&self, p: usize) -> *const u8 {
         // SAFETY (for callers): p < panels, so the offset is inside `data`.
         unsafe { (self.data.as_ptr() as *const u8).add(p * self.nb * self.block_bytes) }
     }
 }
 
-/// The F16/BF16 layout: rows `0..16` of element `kk` of panel `p`.
+/// Bytes of one F16/BF16 panel of `k` columns (BF16 pads an odd `k`).
+fn float_panel_bytes(ty: QuantType, k: usize) -> usize {
+    let k = if ty == QuantType::BF16 {
+        k.next_multiple_of(2)
+    } else {
+        k
+    };
+    k * PANEL * 2
+}
+
+/// The F16/BF16 layouts: rows `0..16` of element `kk` of panel `p`, at
+/// `(kk * 16 + r) * 2` (F16) or, in pairs, `((kk / 2) * 16 + r) * 4 + (kk % 2) * 2` (BF16).
 fn pack_float(w: &crate::WeightView, dst: &mut [u8]) {
     let k = w.cols;
-    let panel_bytes = k * PANEL * 2;
+    let panel_bytes = float_panel_bytes(w.ty, k);
     if panel_bytes == 0 {
         return;
     }
+    let bf16 = w.ty == QuantType::BF16;
     dst.par_chunks_mut(panel_bytes)
         .enumerate()
         .for_each(|(p, d)| {
             for r in 0..PANEL.min(w.rows - p * PANEL) {
                 let row = w.row(p * PANEL + r);
                 for kk in 0..k {
-                    let o = (kk * PANEL + r) * 2;
+                    let o = if bf16 {
+                        ((kk / 2) * PANEL + r) * 4 + (kk % 2) * 2
+                    } else {
+                        (kk * PANEL + r) * 2
+                    };
                     d[o..o + 2].copy_from_slice(&row[2 * kk..2 * kk + 2]);
                 }
             }

@@ -311,11 +311,14 @@ impl<const VNNI: bool> Panel for Avx2<VNNI> {
         std::array::from_fn(|h| _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * h) as *const __m128i)))
     }
     #[inline(always)]
-    unsafe fn weights_bf16(p: *const u8) -> F2 {
-        std::array::from_fn(|h| {
-            let v = _mm_loadu_si128(p.add(16 * h) as *const __m128i);
-            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
-        })
+    unsafe fn bf16_pair(p: *const u8) -> (F2, F2) {
+        let v: [__m256i; 2] =
+            std::array::from_fn(|h| _mm256_loadu_si256(p.add(32 * h) as *const __m256i));
+        let hi = _mm256_set1_epi32(0xffff_0000u32 as i32);
+        (
+            v.map(|v| _mm256_castsi256_ps(_mm256_slli_epi32(v, 16))),
+            v.map(|v| _mm256_castsi256_ps(_mm256_and_si256(v, hi))),
+        )
     }
     #[inline(always)]
     unsafe fn bcast_f32(x: *const f32) -> F2 {

@@ -1,4 +1,4 @@
-//! AVX-512 F/BW/VL/DQ, with or without VNNI: the [`Avx512`] tokens
+//! AVX-512 F/BW/VL/DQ, with or without VNNI and BF16: the [`Avx512`] tokens
 //! (`Level::Avx512`, `Level::Avx512Vnni` and `Level::Avx512Bf16`) on `__m512`,
 //! the `#[target_feature]` functions their kernels are entered through, the
 //! 16-lane `exp` and GELU, and the vector activation-block quantizer.
@@ -10,25 +10,28 @@ use half::f16;
 use super::{avx2, cephes, BlockQuantizer, Cpu, Kernel, Panel, Simd, PANEL};
 
 /// AVX-512 F/BW/VL/DQ on `__m512`; `VNNI` picks `vpdpbusd` over `maddubs` +
-/// `madd` for the int8 dots. Only [`Cpu::new`] makes one.
+/// `madd` for the int8 dots, `BF16` (with `VNNI`) `vdpbf16ps` for the BF16
+/// dots. Only [`Cpu::new`] makes one.
 #[derive(Clone, Copy)]
-pub(crate) struct Avx512<const VNNI: bool>(());
+pub(crate) struct Avx512<const VNNI: bool, const BF16: bool = false>(());
 
-impl<const VNNI: bool> Cpu for Avx512<VNNI> {
+impl<const VNNI: bool, const BF16: bool> Cpu for Avx512<VNNI, BF16> {
     const QUANTIZE_ACT_BLOCK: BlockQuantizer = |x, q| {
         // SAFETY: a token's constants are only read for a supported level.
         unsafe { quantize_act_block_avx512(x, q) }
     };
     /// # Safety
-    /// The CPU has AVX-512 F/BW/VL/DQ (and AVX2, FMA, F16C), and AVX-512 VNNI
-    /// for `VNNI`.
+    /// The CPU has AVX-512 F/BW/VL/DQ (and AVX2, FMA, F16C), AVX-512 VNNI for
+    /// `VNNI`, AVX-512 BF16 for `BF16`.
     #[inline(always)]
     unsafe fn new() -> Self {
         Avx512(())
     }
     #[inline(always)]
     unsafe fn enter<K: Kernel>(self, k: K) -> K::Out {
-        if VNNI {
+        if BF16 {
+            enter_avx512bf16(k)
+        } else if VNNI {
             enter_avx512vnni(k)
         } else {
             enter_avx512(k)
@@ -46,9 +49,25 @@ unsafe fn enter_avx512vnni<K: Kernel>(k: K) -> K::Out {
     k.run(Avx512::<true>(()))
 }
 
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma,f16c")]
+unsafe fn enter_avx512bf16<K: Kernel>(k: K) -> K::Out {
+    k.run(Avx512::<true, true>(()))
+}
+
+/// `vdpbf16ps`: 16 lanes of `acc + w_odd * x_odd + w_even * x_even` against
+/// the broadcast activation pair `*x`. Only reached inside
+/// [`enter_avx512bf16`]'s kernels (the `BF16` token), where it inlines.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn dpbf16(acc: __m512, w: *const u8, x: *const u32) -> __m512 {
+    let w: __m512bh = std::mem::transmute(_mm512_loadu_si512(w as *const _));
+    let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*x as i32));
+    _mm512_dpbf16_ps(acc, w, x)
+}
+
 // SAFETY (every `unsafe` block below): an `Avx512` exists only on a CPU with
 // AVX-512F (see `new`), and the intrinsics only touch registers.
-impl<const VNNI: bool> Simd for Avx512<VNNI> {
+impl<const VNNI: bool, const BF16: bool> Simd for Avx512<VNNI, BF16> {
     type V = __m512;
     const LANES: usize = 16;
     #[inline(always)]
@@ -188,7 +207,7 @@ unsafe fn gelu_tanh16(v: &mut [f32; 16]) {
 
 /// One 512-bit register per 16 lanes; `VNNI` picks `vpdpbusd` over
 /// `maddubs` + `madd`.
-impl<const VNNI: bool> Panel for Avx512<VNNI> {
+impl<const VNNI: bool, const BF16: bool> Panel for Avx512<VNNI, BF16> {
     type I = __m512i;
     type F = __m512;
     /// `(|w|, w)` for `maddubs`, `(w + 128, _)` for `vpdpbusd`
@@ -272,9 +291,26 @@ impl<const VNNI: bool> Panel for Avx512<VNNI> {
         _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
     }
     #[inline(always)]
-    unsafe fn weights_bf16(p: *const u8) -> __m512 {
-        let h = _mm256_loadu_si256(p as *const __m256i);
-        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+    unsafe fn bf16_pair(p: *const u8) -> (__m512, __m512) {
+        let v = _mm512_loadu_si512(p as *const _);
+        (
+            _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
+            _mm512_castsi512_ps(_mm512_and_si512(
+                v,
+                _mm512_set1_epi32(0xffff_0000u32 as i32),
+            )),
+        )
+    }
+    #[inline(always)]
+    unsafe fn dot_bf16(acc: __m512, w: *const u8, x: *const u32) -> __m512 {
+        if BF16 {
+            dpbf16(acc, w, x)
+        } else {
+            let (even, odd) = Self::bf16_pair(w);
+            let xo = _mm512_set1_ps(f32::from_bits(*x & 0xffff_0000));
+            let xe = _mm512_set1_ps(f32::from_bits(*x << 16));
+            _mm512_fmadd_ps(xe, even, _mm512_fmadd_ps(xo, odd, acc))
+        }
     }
     #[inline(always)]
     unsafe fn bcast_f32(x: *const f32) -> __m512 {

@@ -146,8 +146,21 @@ pub(crate) trait Panel {
 
     /// The 16 stored F16 weights of one element as f32.
     unsafe fn weights_f16(p: *const u8) -> Self::F;
-    /// The 16 stored BF16 weights of one element as f32.
-    unsafe fn weights_bf16(p: *const u8) -> Self::F;
+    /// The 16 stored BF16 weights of elements `2q` and `2q + 1` (64 bytes of
+    /// the pair layout: row `r`'s two weights at `4r`), as f32: `(even, odd)`.
+    unsafe fn bf16_pair(p: *const u8) -> (Self::F, Self::F);
+    /// `acc + w_odd * x_odd + w_even * x_even` per lane (the odd product
+    /// added first), for the 64 bytes of a weight pair at `w` and one
+    /// activation pair `x` (two BF16 values, the even one in the low half):
+    /// `vdpbf16ps`'s arithmetic, which the levels with it run natively.
+    #[inline(always)]
+    unsafe fn dot_bf16(acc: Self::F, w: *const u8, x: *const u32) -> Self::F {
+        let (even, odd) = Self::bf16_pair(w);
+        let xo = f32::from_bits(*x & 0xffff_0000);
+        let xe = f32::from_bits(*x << 16);
+        let acc = Self::fmadd(Self::bcast_f32(&xo), odd, acc);
+        Self::fmadd(Self::bcast_f32(&xe), even, acc)
+    }
     /// One f32 repeated in every lane.
     unsafe fn bcast_f32(x: *const f32) -> Self::F;
     /// `a * b + c`
@@ -219,7 +232,7 @@ pub(crate) trait Kernel {
     unsafe fn run<C: Cpu>(self, cpu: C) -> Self::Out;
 }
 
-/// Runs `k` on `level`'s token (`Avx512Bf16` runs as `Avx512Vnni`).
+/// Runs `k` on `level`'s token.
 ///
 /// # Safety
 /// The CPU supports `level`, and `k`'s own contract holds.
@@ -231,7 +244,8 @@ pub(crate) unsafe fn run<K: Kernel>(level: Level, k: K) -> K::Out {
         Level::Avx2 => Avx2::<false>::new().enter(k),
         Level::AvxVnni => Avx2::<true>::new().enter(k),
         Level::Avx512 => Avx512::<false>::new().enter(k),
-        Level::Avx512Vnni | Level::Avx512Bf16 => Avx512::<true>::new().enter(k),
+        Level::Avx512Vnni => Avx512::<true>::new().enter(k),
+        Level::Avx512Bf16 => Avx512::<true, true>::new().enter(k),
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -268,7 +282,8 @@ pub(crate) const fn consts(level: Level) -> Consts {
         Level::Avx2 => consts_of::<Avx2<false>>(),
         Level::AvxVnni => consts_of::<Avx2<true>>(),
         Level::Avx512 => consts_of::<Avx512<false>>(),
-        Level::Avx512Vnni | Level::Avx512Bf16 => consts_of::<Avx512<true>>(),
+        Level::Avx512Vnni => consts_of::<Avx512<true>>(),
+        Level::Avx512Bf16 => consts_of::<Avx512<true, true>>(),
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -199,9 +199,12 @@ impl Panel for Portable {
         h.map(|v| f16::from_bits(v).to_f32())
     }
     #[inline(always)]
-    unsafe fn weights_bf16(p: *const u8) -> [f32; 16] {
-        let h: [u16; 16] = std::ptr::read_unaligned(p as *const [u16; 16]);
-        h.map(|v| f32::from_bits((v as u32) << 16))
+    unsafe fn bf16_pair(p: *const u8) -> ([f32; 16], [f32; 16]) {
+        let v: [u32; 16] = std::ptr::read_unaligned(p as *const [u32; 16]);
+        (
+            v.map(|v| f32::from_bits(v << 16)),
+            v.map(|v| f32::from_bits(v & 0xffff_0000)),
+        )
     }
     #[inline(always)]
     unsafe fn bcast_f32(x: *const f32) -> [f32; 16] {
