@@ -62,7 +62,7 @@ fn check_line(v: &Value) {
     assert!(
         v["tuning"]
             .as_str()
-            .is_some_and(|t| t.contains("weight_prefetch=")),
+            .is_some_and(|t| t.contains("int8_prefetch=")),
         "{v}"
     );
     let num = |k: &str| {

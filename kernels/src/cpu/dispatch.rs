@@ -7,7 +7,7 @@
 //!   reference);
 //! - the [`Cpu`] itself (vendor, family, model, brand string), from CPUID;
 //! - the per-CPU [`Tuning`]: choices that are not about instructions (how far
-//!   ahead a weight stream prefetches, ...), one row of one table per CPU
+//!   ahead a weight stream prefetches, into which cache), one row of one table per CPU
 //!   kind, overridable by `MIPHA_TUNING=key=value,...` so a new machine can be
 //!   tuned with the benchmarks without a rebuild.
 
@@ -252,23 +252,73 @@ fn read_cpu() -> Cpu {
     }
 }
 
+/// A software prefetch of a weight stream: how many bytes ahead of the read
+/// position, and into which cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefetch {
+    /// bytes ahead; 0: none, the hardware prefetchers alone
+    pub distance: usize,
+    /// into L2 only (`prefetcht1`), not L1 (`prefetcht0`)
+    pub l2: bool,
+}
+
+impl Prefetch {
+    const fn l1(distance: usize) -> Self {
+        Prefetch {
+            distance,
+            l2: false,
+        }
+    }
+    const fn l2(distance: usize) -> Self {
+        Prefetch { distance, l2: true }
+    }
+
+    /// `4096:l1`, `16384:l2`, `0:l1`.
+    pub fn describe(&self) -> String {
+        format!("{}:{}", self.distance, if self.l2 { "l2" } else { "l1" })
+    }
+
+    /// `BYTES[:l1|:l2]` (L1 when the cache is not named).
+    fn parse(value: &str) -> Option<Self> {
+        let (bytes, cache) = value.split_once(':').unwrap_or((value, "l1"));
+        let distance = bytes
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|d| *d <= 1 << 20)?;
+        let l2 = match cache.trim() {
+            "l1" => false,
+            "l2" => true,
+            _ => return None,
+        };
+        Some(Prefetch { distance, l2 })
+    }
+}
+
 /// Per-CPU choices of the kernels that are not about instructions. One row of
 /// [`TABLE`] per CPU kind; every field can be overridden at run time
-/// (`MIPHA_TUNING=weight_prefetch=2048`).
+/// (`MIPHA_TUNING=int8_prefetch=16384:l2,float_prefetch=4096:l1`), which is how
+/// `scripts/tune-decode.sh` measures a new machine.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tuning {
     /// which row of the table (plus `+env` when `MIPHA_TUNING` changed it)
     pub name: String,
-    /// Bytes ahead of the read position that a streaming weight sweep (decode,
-    /// one to a dozen rows) asks for with a software prefetch; 0: none, the
-    /// hardware prefetchers alone.
-    pub weight_prefetch: usize,
+    /// the Q8_0/Q4_0 decode tiles' prefetch of their panels (one to a dozen
+    /// activation rows stream each panel once)
+    pub int8_prefetch: Prefetch,
+    /// the F16/BF16 decode tiles' prefetch of their panels
+    pub float_prefetch: Prefetch,
 }
 
 impl Tuning {
     /// `name: key=value ...`, for logs and benchmark rows.
     pub fn describe(&self) -> String {
-        format!("{}: weight_prefetch={}", self.name, self.weight_prefetch)
+        format!(
+            "{}: int8_prefetch={} float_prefetch={}",
+            self.name,
+            self.int8_prefetch.describe(),
+            self.float_prefetch.describe()
+        )
     }
 
     /// Applies `key=value` pairs (comma-separated); the first unknown key or
@@ -278,19 +328,17 @@ impl Tuning {
             let (key, value) = pair
                 .split_once('=')
                 .ok_or_else(|| format!("`{pair}` is not key=value"))?;
-            let number = |max: usize| -> Result<usize, String> {
-                value
-                    .trim()
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|v| *v <= max)
-                    .ok_or_else(|| format!("{key}={value}: expected an integer 0..={max}"))
+            let prefetch = || {
+                Prefetch::parse(value).ok_or_else(|| {
+                    format!("{key}={value}: expected BYTES (0..=1048576), BYTES:l1 or BYTES:l2")
+                })
             };
             match key.trim() {
-                "weight_prefetch" => self.weight_prefetch = number(1 << 16)?,
+                "int8_prefetch" => self.int8_prefetch = prefetch()?,
+                "float_prefetch" => self.float_prefetch = prefetch()?,
                 other => {
                     return Err(format!(
-                        "unknown tuning key `{other}` (known: weight_prefetch)"
+                        "unknown tuning key `{other}` (known: int8_prefetch, float_prefetch)"
                     ))
                 }
             }
@@ -307,52 +355,68 @@ struct Kind {
     families: (u32, u32),
 }
 
-/// Rows are tried in order; the last matches everything. Each value says where
-/// it was measured: a row for a CPU kind no one has measured copies the generic
-/// values and says so, rather than guessing.
-const TABLE: &[(&str, Kind, usize)] = &[
-    // Xeon (Emerald Rapids VM, 2 vCPUs): 4 KiB ahead took F16 decode from 2.5
-    // to 3.2 tok/s; 2 and 8 KiB did less.
-    (
-        "intel-family6",
-        Kind {
+/// One row: a name, the CPUs it is for, and its values.
+struct Row {
+    name: &'static str,
+    kind: Kind,
+    int8_prefetch: Prefetch,
+    float_prefetch: Prefetch,
+}
+
+/// Rows are tried in order; the last matches everything. Each row says where
+/// its values were measured (`scripts/tune-decode.sh`, a model-sized weight
+/// set streamed by one-row decode matmuls); a CPU kind no one has measured
+/// copies the generic values and says so, rather than guessing.
+const TABLE: &[Row] = &[
+    // Xeon (Emerald Rapids VM, 2 vCPUs, 29 GB/s): int8 panels prefetched 16 KiB
+    // ahead into L2 stream at 20.5 (Q4_0) / 23.3 (Q8_0) GB/s, against 19.3 /
+    // 22.5 at 4 KiB into L1; the float panels do best at 4 KiB into L1 (F16
+    // 2.5 -> 3.2 tok/s against none; 16 KiB into L2 loses 10 %).
+    Row {
+        name: "intel-family6",
+        kind: Kind {
             vendor: Vendor::Intel,
             families: (6, 6),
         },
-        4096,
-    ),
-    // Zen 3/4/5 (families 0x19, 0x1a): not yet measured on the machine; the
-    // generic distance until `MIPHA_TUNING` sweeps on one say otherwise.
-    (
-        "amd-zen",
-        Kind {
+        int8_prefetch: Prefetch::l2(16384),
+        float_prefetch: Prefetch::l1(4096),
+    },
+    // Zen 3/4/5 (families 0x19, 0x1a): not yet measured on one (no such
+    // machine in this workplace's sessions so far): the generic values until
+    // `scripts/tune-decode.sh` on one says otherwise.
+    Row {
+        name: "amd-zen (unmeasured: generic values)",
+        kind: Kind {
             vendor: Vendor::Amd,
             families: (0x19, 0x1a),
         },
-        4096,
-    ),
-    (
-        "generic",
-        Kind {
+        int8_prefetch: Prefetch::l2(16384),
+        float_prefetch: Prefetch::l1(4096),
+    },
+    Row {
+        name: "generic",
+        kind: Kind {
             vendor: Vendor::Other,
             families: (0, u32::MAX),
         },
-        4096,
-    ),
+        int8_prefetch: Prefetch::l2(16384),
+        float_prefetch: Prefetch::l1(4096),
+    },
 ];
 
 /// The table's row for `cpu`.
 pub fn tuning_for(cpu: &Cpu) -> Tuning {
-    let (name, _, weight_prefetch) = TABLE
+    let row = TABLE
         .iter()
-        .find(|(_, k, _)| {
-            (k.vendor == Vendor::Other || k.vendor == cpu.vendor)
-                && (k.families.0..=k.families.1).contains(&cpu.family)
+        .find(|r| {
+            (r.kind.vendor == Vendor::Other || r.kind.vendor == cpu.vendor)
+                && (r.kind.families.0..=r.kind.families.1).contains(&cpu.family)
         })
         .expect("the last row matches every CPU");
     Tuning {
-        name: name.to_string(),
-        weight_prefetch: *weight_prefetch,
+        name: row.name.to_string(),
+        int8_prefetch: row.int8_prefetch,
+        float_prefetch: row.float_prefetch,
     }
 }
 

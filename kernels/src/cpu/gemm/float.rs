@@ -17,6 +17,7 @@
 use super::super::isa::{Cpu, Kernel, Panel};
 use super::super::OutPtr;
 use super::{write_tile, PackedMatrix, PANEL};
+use crate::cpu::dispatch::Prefetch;
 use crate::{Epilogue, QuantType};
 
 /// Activation rows per cache chunk.
@@ -27,8 +28,9 @@ const KC: usize = 512;
 
 pub(super) struct Job<'a> {
     pub w: &'a PackedMatrix,
-    /// bytes ahead decode prefetches ([`crate::cpu::dispatch::Tuning`]; 0: none)
-    pub prefetch: usize,
+    /// how far ahead decode prefetches, into which cache
+    /// ([`crate::cpu::dispatch::Tuning::float_prefetch`])
+    pub prefetch: Prefetch,
     pub x: &'a [f32],
     /// With the BF16 dot: `x` rounded to BF16 pairs (`[m, ceil(k / 2)]`, the
     /// even element in the low half, an odd `k`'s last pair padded with 0).
@@ -146,9 +148,10 @@ unsafe fn tile_f<I: Panel, const MODE: u8, const M: usize>(
         let xr: [*const u32; M] = std::array::from_fn(|i| job.xb.as_ptr().add((i0 + i) * kp));
         let kend = k1.next_multiple_of(2);
         while kk + 4 <= kend {
-            if M <= 2 && job.prefetch > 0 {
-                I::prefetch(panel.add(kk * PANEL * 2 + job.prefetch));
-                I::prefetch(panel.add(kk * PANEL * 2 + job.prefetch + 64));
+            let pf = job.prefetch;
+            if M <= 2 && pf.distance > 0 {
+                I::prefetch(panel.add(kk * PANEL * 2 + pf.distance), pf.l2);
+                I::prefetch(panel.add(kk * PANEL * 2 + pf.distance + 64), pf.l2);
             }
             let w = panel.add(kk * PANEL * 2);
             for i in 0..M {
@@ -174,10 +177,11 @@ unsafe fn tile_f<I: Panel, const MODE: u8, const M: usize>(
             }
         };
         while kk + 2 <= k1 {
-            if M <= 2 && job.prefetch > 0 {
+            let pf = job.prefetch;
+            if M <= 2 && pf.distance > 0 {
                 // Decode streams each panel once from memory: ask for the line
-                // `job.prefetch` bytes ahead so the loads find it in cache.
-                I::prefetch(panel.add(kk * PANEL * 2 + job.prefetch));
+                // `pf.distance` bytes ahead so the loads find it in cache.
+                I::prefetch(panel.add(kk * PANEL * 2 + pf.distance), pf.l2);
             }
             let (w0, w1) = weights(kk);
             for i in 0..M {

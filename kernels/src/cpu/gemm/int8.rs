@@ -8,6 +8,7 @@
 use super::super::isa::{Cpu, Kernel, Panel};
 use super::super::OutPtr;
 use super::{write_tile, PackedMatrix, QuantizedActs, PANEL};
+use crate::cpu::dispatch::Prefetch;
 use crate::{Epilogue, QuantType, QK};
 
 /// Activation rows per cache chunk.
@@ -15,8 +16,9 @@ const MC: usize = 64;
 
 pub(super) struct Job<'a> {
     pub w: &'a PackedMatrix,
-    /// bytes ahead a streaming tile prefetches ([`crate::cpu::dispatch::Tuning`]; 0: none)
-    pub prefetch: usize,
+    /// how far ahead decode prefetches, into which cache
+    /// ([`crate::cpu::dispatch::Tuning::int8_prefetch`])
+    pub prefetch: Prefetch,
     pub acts: &'a QuantizedActs,
     pub m: usize,
     pub bias: Option<&'a [f32]>,
@@ -43,16 +45,16 @@ impl Kernel for Sweep<'_> {
 }
 
 /// Decode's tiles (up to 12 rows: a batched decode step) stream their panel
-/// once: fetch the block `dist` bytes ahead (the CPU's
-/// [`crate::cpu::dispatch::Tuning::weight_prefetch`]), one hint per cache line.
+/// once: fetch the block `pf.distance` bytes ahead, into L1 or L2 (the CPU's
+/// [`crate::cpu::dispatch::Tuning::int8_prefetch`]), one hint per cache line.
 /// Without it, 4-, 8- and 12-row steps ran 15-40% slower on a model-sized
 /// weight set (`examples/batch_decode_speed`); with more rows than one tile,
 /// the panel is read again from cache for the later tiles.
 #[inline(always)]
-unsafe fn prefetch_block<I: Panel, const M: usize>(blk: *const u8, bb: usize, dist: usize) {
-    if M <= 12 && dist > 0 {
+unsafe fn prefetch_block<I: Panel, const M: usize>(blk: *const u8, bb: usize, pf: Prefetch) {
+    if M <= 12 && pf.distance > 0 {
         for off in (0..bb).step_by(64) {
-            I::prefetch(blk.add(dist + off));
+            I::prefetch(blk.add(pf.distance + off), pf.l2);
         }
     }
 }

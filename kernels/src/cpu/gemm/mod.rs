@@ -69,7 +69,7 @@ pub(crate) fn matmul_packed(
         }
         let job = float::Job {
             w,
-            prefetch: tuning().weight_prefetch,
+            prefetch: tuning().float_prefetch,
             x,
             xb: &xb,
             m,
@@ -121,7 +121,7 @@ pub(crate) fn matmul_quantized(
     });
     let job = int8::Job {
         w,
-        prefetch: tuning().weight_prefetch,
+        prefetch: tuning().int8_prefetch,
         acts,
         m,
         bias,

@@ -342,8 +342,12 @@ impl<const VNNI: bool> Panel for Avx2<VNNI> {
         _mm256_storeu_ps(p.add(8), v[1]);
     }
     #[inline(always)]
-    unsafe fn prefetch(p: *const u8) {
-        _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+    unsafe fn prefetch(p: *const u8, l2: bool) {
+        if l2 {
+            _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
+        } else {
+            _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+        }
     }
 }
 

@@ -333,8 +333,12 @@ impl<const VNNI: bool, const BF16: bool> Panel for Avx512<VNNI, BF16> {
         _mm512_storeu_ps(p, v)
     }
     #[inline(always)]
-    unsafe fn prefetch(p: *const u8) {
-        _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+    unsafe fn prefetch(p: *const u8, l2: bool) {
+        if l2 {
+            _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
+        } else {
+            _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+        }
     }
     /// With [`exp16`] (`wide`'s 8-lane exp is an SSE2 call).
     #[inline(always)]

@@ -169,10 +169,11 @@ pub(crate) trait Panel {
     unsafe fn load_f(p: *const f32) -> Self::F;
     unsafe fn store_f(p: *mut f32, v: Self::F);
 
-    /// A hint to fetch the cache line at `p` (which may be past the panel's end).
+    /// A hint to fetch the cache line at `p` (which may be past the panel's
+    /// end) into L1, or only into L2 with `l2`.
     #[inline(always)]
-    unsafe fn prefetch(p: *const u8) {
-        let _ = p;
+    unsafe fn prefetch(p: *const u8, l2: bool) {
+        let _ = (p, l2);
     }
 
     /// Tanh-approximation GELU of one output tile row, in place (the matmul
