@@ -7,7 +7,6 @@
 mod common;
 
 use common::Rng;
-use mipha_kernels::cpu::dispatch::available;
 use mipha_kernels::cpu::quantize_act_block_at;
 use mipha_kernels::quant::quantize_act_block;
 
@@ -50,7 +49,7 @@ fn blocks() -> Vec<[f32; 32]> {
 #[test]
 fn every_path_quantizes_like_the_scalar_reference() {
     let all = blocks();
-    for level in available() {
+    for level in common::levels_for("activation quantization") {
         for (n, x) in all.iter().enumerate() {
             let (mut want_q, mut got_q) = ([0i8; 32], [0i8; 32]);
             let want = quantize_act_block(x, &mut want_q);

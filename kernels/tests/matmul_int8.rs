@@ -11,7 +11,7 @@
 mod common;
 
 use common::{magnitudes, quantize_matrix, Rng};
-use mipha_kernels::cpu::dispatch::{available, Level};
+use mipha_kernels::cpu::dispatch::Level;
 use mipha_kernels::cpu::{self, PackedMatrix};
 use mipha_kernels::{reference, Epilogue, QuantType, WeightView};
 
@@ -101,7 +101,7 @@ fn check_level(level: Level, c: &Case, packed: &PackedMatrix, want: &[f32], mag:
 
 #[test]
 fn every_path_matches_the_scalar_reference() {
-    let levels = available();
+    let levels = common::levels_for("int8 matmul");
     eprintln!("int8 kernel paths on this CPU: {levels:?}");
     let mut rng = Rng::new(21);
     for ty in [QuantType::Q4_0, QuantType::Q8_0] {
@@ -203,7 +203,7 @@ fn epilogues_equal_the_separate_ops() {
     for ty in [QuantType::Q4_0, QuantType::Q8_0] {
         let c = Case::new(ty, 37, 200, 9, &mut rng);
         let packed = PackedMatrix::pack(c.view()).unwrap();
-        for level in available() {
+        for level in common::levels_for("int8 matmul epilogues") {
             let mut plain = vec![0.0f32; c.m * c.n];
             cpu::matmul_packed_at(
                 level,

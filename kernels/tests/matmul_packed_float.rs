@@ -18,7 +18,7 @@ use mipha_kernels::{reference, Epilogue, QuantType, WeightView};
 
 #[test]
 fn every_path_matches_the_reference() {
-    let levels = available();
+    let levels = common::levels_for("f16/bf16 matmul");
     let mut rng = Rng::new(31);
     let shapes = [(1, 1), (5, 7), (16, 32), (17, 513), (40, 1100), (33, 96)];
     let ms = [1, 2, 3, 5, 8, 9, 17, 131];
@@ -80,7 +80,7 @@ fn epilogues_equal_the_separate_ops() {
         let packed = PackedMatrix::pack_with(view, false).unwrap();
         let x = rng.vec_normal(m * k, 1.0);
         let bias = rng.vec_normal(n, 1.0);
-        for level in available() {
+        for level in common::levels_for("f16/bf16 matmul epilogues") {
             let mut plain = vec![0.0f32; m * n];
             cpu::matmul_packed_at(
                 level,

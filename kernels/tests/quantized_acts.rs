@@ -9,7 +9,6 @@
 mod common;
 
 use common::{quantize_matrix, Rng};
-use mipha_kernels::cpu::dispatch::available;
 use mipha_kernels::cpu::{self, PackedMatrix, QuantizedActs};
 use mipha_kernels::{Epilogue, QuantType, WeightView};
 
@@ -53,7 +52,7 @@ fn shared_activations_equal_separate_matmuls() {
     .map(|(ty, n)| Matrix::new(ty, n, k, &mut rng))
     .collect();
     let packed: Vec<PackedMatrix> = ms.iter().map(Matrix::packed).collect();
-    for level in available() {
+    for level in common::levels_for("quantized activations") {
         for m in MS {
             let x = rng.vec_normal(m * k, 1.0);
             let mut acts = QuantizedActs::default();
@@ -86,7 +85,7 @@ fn fused_layer_norm_equals_layer_norm_then_matmul() {
     let p = w.packed();
     let gamma = rng.vec_normal(k, 1.0);
     let beta = rng.vec_normal(k, 0.3);
-    for level in available() {
+    for level in common::levels_for("quantized activations") {
         for m in MS {
             let x: Vec<f32> = rng.vec_normal(m * k, 2.0).iter().map(|v| v + 1.5).collect();
             let mut ln = vec![f32::NAN; m * k];

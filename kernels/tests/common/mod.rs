@@ -115,3 +115,20 @@ pub fn magnitudes(x: &[f32], m: usize, w: &WeightView, bias: Option<&[f32]>) -> 
     reference::matmul(&xabs, m, view, babs.as_deref(), &mut mag);
     mag
 }
+
+/// Every dispatch level this CPU has, after saying for each level there is
+/// whether `what` runs at it or skips it (a level the CPU lacks is never run
+/// at a lower level under its name).
+#[allow(dead_code)]
+pub fn levels_for(what: &str) -> Vec<mipha_kernels::cpu::dispatch::Level> {
+    use mipha_kernels::cpu::dispatch::{available, Level};
+    let here = available();
+    for l in Level::ALL {
+        if here.contains(&l) {
+            eprintln!("{what} at {}: ran", l.name());
+        } else {
+            eprintln!("{what} at {}: skipped, this CPU lacks it", l.name());
+        }
+    }
+    here
+}
