@@ -79,10 +79,16 @@ unsafe fn sweep<I: Panel, const MODE: u8>(job: &Job, p0: usize, p1: usize) {
     } else {
         job.epilogue
     };
+    // Blocking `k` pays only when several tiles reuse a panel slice from L1;
+    // a decode step (one tile) streams each panel front to back instead, so
+    // the hardware prefetchers and ours see one long run per panel rather
+    // than a jump to another panel every 16 KiB.
+    let one_tile = job.m <= I::FLOAT_MR;
+    let kc = if one_tile { k.max(1) } else { KC };
     for i0 in (0..job.m).step_by(MC) {
         let i1 = (i0 + MC).min(job.m);
-        for k0 in (0..k).step_by(KC) {
-            let k1 = (k0 + KC).min(k);
+        for k0 in (0..k).step_by(kc) {
+            let k1 = (k0 + kc).min(k);
             for p in p0..p1 {
                 let panel = base.add(p * panel_bytes);
                 let c0 = p * PANEL;
@@ -102,8 +108,8 @@ unsafe fn sweep<I: Panel, const MODE: u8>(job: &Job, p0: usize, p1: usize) {
                     macro_rules! tiles {
                         ($($m:literal)*) => {
                             match r {
-                                $($m => tile_f::<I, MODE, $m>(job, panel, i, k0, k1, &mut tile),)*
-                                _ => tile_f::<I, MODE, 8>(job, panel, i, k0, k1, &mut tile),
+                                $($m => tile_f::<I, MODE, $m>(job, panel, i, k0, k1, one_tile, &mut tile),)*
+                                _ => tile_f::<I, MODE, 8>(job, panel, i, k0, k1, one_tile, &mut tile),
                             }
                         };
                     }
@@ -136,9 +142,14 @@ unsafe fn tile_f<I: Panel, const MODE: u8, const M: usize>(
     i0: usize,
     k0: usize,
     k1: usize,
+    streaming: bool,
     tile: &mut [[f32; PANEL]; 8],
 ) {
     let k = job.w.cols();
+    // Decode (the job is one tile) reads each panel once from memory: ask for
+    // the line `pf.distance` bytes ahead so the loads find it in cache.
+    let pf = job.prefetch;
+    let prefetch = streaming && pf.distance > 0;
     let mut even: [I::F; M] = std::array::from_fn(|i| I::load_f(tile[i].as_ptr()));
     let mut odd = [I::fzero(); M];
     let mut kk = k0;
@@ -148,8 +159,7 @@ unsafe fn tile_f<I: Panel, const MODE: u8, const M: usize>(
         let xr: [*const u32; M] = std::array::from_fn(|i| job.xb.as_ptr().add((i0 + i) * kp));
         let kend = k1.next_multiple_of(2);
         while kk + 4 <= kend {
-            let pf = job.prefetch;
-            if M <= 2 && pf.distance > 0 {
+            if prefetch {
                 I::prefetch(panel.add(kk * PANEL * 2 + pf.distance), pf.l2);
                 I::prefetch(panel.add(kk * PANEL * 2 + pf.distance + 64), pf.l2);
             }
@@ -177,10 +187,7 @@ unsafe fn tile_f<I: Panel, const MODE: u8, const M: usize>(
             }
         };
         while kk + 2 <= k1 {
-            let pf = job.prefetch;
-            if M <= 2 && pf.distance > 0 {
-                // Decode streams each panel once from memory: ask for the line
-                // `pf.distance` bytes ahead so the loads find it in cache.
+            if prefetch {
                 I::prefetch(panel.add(kk * PANEL * 2 + pf.distance), pf.l2);
             }
             let (w0, w1) = weights(kk);
