@@ -83,8 +83,32 @@ pub(crate) fn zeroed<T: bytemuck::Zeroable>(n: usize, what: &str) -> Result<Vec<
         if p.is_null() {
             return Err(too_big());
         }
+        advise_huge_pages(p as *mut u8, layout.size());
         Ok(Vec::from_raw_parts(p, n, n))
     }
+}
+
+/// Asks Linux to back the 2 MiB-aligned part of a large allocation (the KV
+/// pools, the activation buffers) with huge pages, since transparent huge
+/// pages are often `madvise`-only. Decode attention reads each head's K/V
+/// slice a `kv_dim` row apart, a new 4 KiB page per key: with 4 KiB pages a
+/// layer's pool outgrows the TLB and every key pays a page walk (Zen 4 VM,
+/// Q4_0 at 1024 keys: attention 57 -> 43 ms a token). Advice only: where it is
+/// refused or unsupported, nothing changes.
+fn advise_huge_pages(p: *mut u8, len: usize) {
+    const HUGE: usize = 2 << 20;
+    #[cfg(target_os = "linux")]
+    {
+        let start = (p as usize).next_multiple_of(HUGE);
+        let end = (p as usize + len) & !(HUGE - 1);
+        if end > start {
+            // SAFETY: the range lies inside an allocation we own; MADV_HUGEPAGE
+            // changes no contents.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (p, len, HUGE);
 }
 
 impl CpuBackend {
