@@ -12,7 +12,7 @@
 mod common;
 
 use common::{magnitudes, quantize_matrix, Rng};
-use mipha_kernels::cpu::dispatch::{available, Level};
+use mipha_kernels::cpu::dispatch::Level;
 use mipha_kernels::cpu::{self, PackedMatrix};
 use mipha_kernels::{reference, Epilogue, QuantType, WeightView};
 
@@ -38,30 +38,14 @@ fn every_path_matches_the_reference() {
                 let mut want = vec![0.0f32; m * n];
                 reference::matmul(&x, m, view, bias.as_deref(), &mut want);
                 let mag = magnitudes(&x, m, &view, bias.as_deref());
-                for &level in &levels {
-                    let mut got = vec![f32::NAN; m * n];
-                    cpu::matmul_packed_at(
-                        level,
-                        &x,
-                        m,
-                        &packed,
-                        bias.as_deref(),
-                        Epilogue::Store,
-                        &mut got,
-                    );
-                    for i in 0..m * n {
-                        let err = (got[i] - want[i]).abs();
-                        assert!(
-                            err <= 1e-5 * mag[i] + 1e-30,
-                            "{} {ty} n={n} k={k} m={m}: out[{}] = {} want {} (mag {})",
-                            level.name(),
-                            i,
-                            got[i],
-                            want[i],
-                            mag[i]
-                        );
-                    }
-                }
+                let what = format!("{ty} n={n} k={k} m={m}");
+                let case = Case {
+                    x: &x,
+                    m,
+                    packed: &packed,
+                    bias: bias.as_deref(),
+                };
+                assert_every_level(&levels, &what, &case, &want, &mag);
             }
         }
     }
@@ -131,18 +115,14 @@ fn epilogues_equal_the_separate_ops() {
 /// the activations: it differs from the exact product by far more than that.
 #[test]
 fn bf16_dot_matches_its_reference_on_every_level() {
-    let levels = available();
-    for l in Level::ALL {
-        if levels.contains(&l) {
-            let how = if l.bf16_dot() {
-                "native vdpbf16ps"
-            } else {
-                "emulated with FMAs"
-            };
-            eprintln!("bf16 dot at {}: ran ({how})", l.name());
+    let levels = common::levels_for("bf16 dot");
+    for l in &levels {
+        let how = if l.bf16_dot() {
+            "native vdpbf16ps"
         } else {
-            eprintln!("bf16 dot at {}: skipped, this CPU lacks it", l.name());
-        }
+            "emulated with FMAs"
+        };
+        eprintln!("bf16 dot at {}: {how}", l.name());
     }
     let mut rng = Rng::new(33);
     let shapes = [
@@ -177,29 +157,14 @@ fn bf16_dot_matches_its_reference_on_every_level() {
             for i in 0..m * n {
                 rounded_somewhere |= (want[i] - exact[i]).abs() > 1e-4 * mag[i];
             }
-            for &level in &levels {
-                let mut got = vec![f32::NAN; m * n];
-                cpu::matmul_packed_at(
-                    level,
-                    &x,
-                    m,
-                    &packed,
-                    bias.as_deref(),
-                    Epilogue::Store,
-                    &mut got,
-                );
-                for i in 0..m * n {
-                    let err = (got[i] - want[i]).abs();
-                    assert!(
-                        err <= 1e-5 * mag[i] + 1e-30,
-                        "{} bf16 dot n={n} k={k} m={m}: out[{i}] = {} want {} (mag {})",
-                        level.name(),
-                        got[i],
-                        want[i],
-                        mag[i]
-                    );
-                }
-            }
+            let what = format!("bf16 dot n={n} k={k} m={m}");
+            let case = Case {
+                x: &x,
+                m,
+                packed: &packed,
+                bias: bias.as_deref(),
+            };
+            assert_every_level(&levels, &what, &case, &want, &mag);
         }
     }
     assert!(
@@ -248,6 +213,34 @@ fn bf16_rounding_matches_the_reference() {
         if v.is_normal() {
             let h = half::bf16::from_f32(v).to_f32();
             assert_eq!(got.to_bits(), h.to_bits(), "{v:e}");
+        }
+    }
+}
+
+/// One matmul's inputs.
+struct Case<'a> {
+    x: &'a [f32],
+    m: usize,
+    packed: &'a PackedMatrix,
+    bias: Option<&'a [f32]>,
+}
+
+/// The packed matmul at every level in `levels` equals `want` to within 1e-5
+/// of each output's magnitude.
+fn assert_every_level(levels: &[Level], what: &str, c: &Case, want: &[f32], mag: &[f32]) {
+    for &level in levels {
+        let mut got = vec![f32::NAN; want.len()];
+        cpu::matmul_packed_at(level, c.x, c.m, c.packed, c.bias, Epilogue::Store, &mut got);
+        for i in 0..want.len() {
+            let err = (got[i] - want[i]).abs();
+            assert!(
+                err <= 1e-5 * mag[i] + 1e-30,
+                "{} {what}: out[{i}] = {} want {} (mag {})",
+                level.name(),
+                got[i],
+                want[i],
+                mag[i]
+            );
         }
     }
 }

@@ -115,12 +115,18 @@ const fn two_chains(m: usize) -> bool {
     m <= 4
 }
 
+/// One micro-tile of `M` activation rows × panel `p`: per block, `dots` adds
+/// the 16 rows' integer dots with each activation row to `acc` (and `acc2`
+/// when [`two_chains`]), given the block's quants (after the 32 bytes of
+/// scales) and row 0's activation bytes; then every row's sum is scaled into
+/// its f32 accumulator.
 #[inline(always)]
-unsafe fn tile_q4<I: Panel, const M: usize>(
+unsafe fn tile_int8<I: Panel, const M: usize>(
     job: &Job,
     p: usize,
     grp: usize,
     tile: &mut [[f32; PANEL]; MAX_MR],
+    dots: impl Fn(*const u8, *const i8, &mut [I::I; M], &mut [I::I; M]),
 ) {
     let a = job.acts;
     let g = a.g;
@@ -132,18 +138,7 @@ unsafe fn tile_q4<I: Panel, const M: usize>(
         prefetch_block::<I, M>(blk, bb, job.prefetch);
         let mut acc: [I::I; M] = std::array::from_fn(|i| I::bcast_i32(xi.add(i)));
         let mut acc2 = [I::izero(); M];
-        for c in 0..4 {
-            let (lo, hi) = I::nibbles(I::load_q(blk.add(32 + 64 * c)));
-            for i in 0..M {
-                let xp = xq.add(i * QK + 4 * c);
-                acc[i] = I::dot_us(acc[i], lo, I::bcast4(xp));
-                if two_chains(M) {
-                    acc2[i] = I::dot_us(acc2[i], hi, I::bcast4(xp.add(16)));
-                } else {
-                    acc[i] = I::dot_us(acc[i], hi, I::bcast4(xp.add(16)));
-                }
-            }
-        }
+        dots(blk.add(32), xq, &mut acc, &mut acc2);
         let dw = I::scales(blk);
         for i in 0..M {
             let s = if two_chains(M) {
@@ -163,6 +158,33 @@ unsafe fn tile_q4<I: Panel, const M: usize>(
     }
 }
 
+/// Q4_0: each 64-byte quant vector `c` holds elements `4c..` in its low
+/// nibbles and `16 + 4c..` in its high ones (unsigned; the -8 is in the start
+/// value).
+#[inline(always)]
+unsafe fn tile_q4<I: Panel, const M: usize>(
+    job: &Job,
+    p: usize,
+    grp: usize,
+    tile: &mut [[f32; PANEL]; MAX_MR],
+) {
+    tile_int8::<I, M>(job, p, grp, tile, |q, xq, acc, acc2| {
+        for c in 0..4 {
+            let (lo, hi) = I::nibbles(I::load_q(q.add(64 * c)));
+            for i in 0..M {
+                let xp = xq.add(i * QK + 4 * c);
+                acc[i] = I::dot_us(acc[i], lo, I::bcast4(xp));
+                if two_chains(M) {
+                    acc2[i] = I::dot_us(acc2[i], hi, I::bcast4(xp.add(16)));
+                } else {
+                    acc[i] = I::dot_us(acc[i], hi, I::bcast4(xp.add(16)));
+                }
+            }
+        }
+    })
+}
+
+/// Q8_0: quant vector `c` holds elements `4c..4c + 4`.
 #[inline(always)]
 unsafe fn tile_q8<I: Panel, const M: usize>(
     job: &Job,
@@ -170,19 +192,10 @@ unsafe fn tile_q8<I: Panel, const M: usize>(
     grp: usize,
     tile: &mut [[f32; PANEL]; MAX_MR],
 ) {
-    let a = job.acts;
-    let g = a.g;
-    let bb = job.w.block_bytes;
-    let mut blk = job.w.panel(p);
-    let (mut xq, mut xd, mut xi) = group_ptrs(a, grp);
-    let mut facc = [I::fzero(); M];
-    for _ in 0..a.nb {
-        prefetch_block::<I, M>(blk, bb, job.prefetch);
-        let mut acc: [I::I; M] = std::array::from_fn(|i| I::bcast_i32(xi.add(i)));
-        let mut acc2 = [I::izero(); M];
+    tile_int8::<I, M>(job, p, grp, tile, |q, xq, acc, acc2| {
         for c in (0..8).step_by(2) {
-            let w0 = I::q8_prep(I::load_q(blk.add(32 + 64 * c)));
-            let w1 = I::q8_prep(I::load_q(blk.add(32 + 64 * (c + 1))));
+            let w0 = I::q8_prep(I::load_q(q.add(64 * c)));
+            let w1 = I::q8_prep(I::load_q(q.add(64 * (c + 1))));
             for i in 0..M {
                 let xp = xq.add(i * QK + 4 * c);
                 acc[i] = I::q8_dot(acc[i], w0, I::bcast4(xp));
@@ -193,21 +206,5 @@ unsafe fn tile_q8<I: Panel, const M: usize>(
                 }
             }
         }
-        let dw = I::scales(blk);
-        for i in 0..M {
-            let s = if two_chains(M) {
-                I::iadd(acc[i], acc2[i])
-            } else {
-                acc[i]
-            };
-            facc[i] = I::fma_block(facc[i], s, dw, xd.add(i));
-        }
-        blk = blk.add(bb);
-        xq = xq.add(g * QK);
-        xd = xd.add(g);
-        xi = xi.add(g);
-    }
-    for i in 0..M {
-        I::store_f(tile[i].as_mut_ptr(), facc[i]);
-    }
+    })
 }
