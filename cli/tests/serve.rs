@@ -105,9 +105,16 @@ impl Server {
         if let Some(k) = key {
             req = req.header("Authorization", &format!("Bearer {k}"));
         }
-        let mut r = req
-            .send(body)
-            .unwrap_or_else(|e| panic!("POST {path} ({} bytes): {e}", body.len()));
+        let mut r = match req.send(body) {
+            Ok(r) => r,
+            // A server may answer (413) and close before the whole body is
+            // sent; the client's write then fails (EPIPE) though the answer is
+            // on the wire: read it as curl does.
+            Err(ureq::Error::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                return self.post_raw_tcp(path, body, key);
+            }
+            Err(e) => panic!("POST {path} ({} bytes): {e}", body.len()),
+        };
         let status = r.status().as_u16();
         let retry = r
             .headers()
@@ -118,6 +125,78 @@ impl Server {
             retry,
             r.body_mut().read_to_string().unwrap_or_default(),
         )
+    }
+
+    /// [`Server::post_raw`] over a plain socket: the body is written on a
+    /// thread that ignores write errors while this one reads the answer.
+    fn post_raw_tcp(
+        &self,
+        path: &str,
+        body: &[u8],
+        key: Option<&str>,
+    ) -> (u16, Option<String>, String) {
+        use std::io::{Read, Write};
+        let host = self.base.trim_start_matches("http://");
+        let mut stream = std::net::TcpStream::connect(host).expect("connect");
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n"));
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+             {}Content-Length: {}\r\nConnection: close\r\n\r\n",
+            auth.unwrap_or_default(),
+            body.len()
+        );
+        let mut writer = stream.try_clone().unwrap();
+        let body = body.to_vec();
+        let sent = std::thread::spawn(move || {
+            let _ = writer
+                .write_all(head.as_bytes())
+                .and_then(|_| writer.write_all(&body));
+        });
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 8192];
+        // A reset after the answer ends the read like a close.
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&buf[..n]);
+        }
+        sent.join().unwrap();
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("POST {path}: no HTTP answer: {text:?}"));
+        let header = |name: &str| {
+            head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case(name)
+                    .then(|| v.trim().to_string())
+            })
+        };
+        let chunked =
+            header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+        let mut body = String::new();
+        if chunked {
+            let mut rest = rest;
+            while let Some((size, after)) = rest.split_once("\r\n") {
+                let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+                if n == 0 || after.len() < n {
+                    break;
+                }
+                body.push_str(&after[..n]);
+                rest = after[n..].trim_start_matches("\r\n");
+            }
+        } else {
+            body.push_str(rest);
+        }
+        (status, header("retry-after"), body)
     }
 
     fn chat(&self, body: &Value) -> (u16, Value) {
